@@ -1,0 +1,27 @@
+"""Perceiver AR in PyTorch: long-context autoregressive modelling.
+
+    from perceiver_ar import PerceiverAR, PerceiverARConfig
+    model = PerceiverAR(PerceiverARConfig.from_preset("tiny"))
+    logits = model(torch.randint(3, 259, (2, 64))).logits  # [2, 16, 259]
+"""
+
+from .config import PRESETS, PerceiverARConfig
+from .convert import from_official
+from .loss import LossOutput, perceiver_ar_loss, shift_events
+from .model import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET, PerceiverAR, PerceiverAROutput
+
+__all__ = [
+    "EOS_ID",
+    "PAD_ID",
+    "PRESETS",
+    "SOS_ID",
+    "TOKEN_OFFSET",
+    "LossOutput",
+    "PerceiverAR",
+    "PerceiverARConfig",
+    "PerceiverAROutput",
+    "from_official",
+    "perceiver_ar_loss",
+    "shift_events",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""The ``perceiver-ar`` command line: one subcommand per action.
+
+Each subcommand lives in ``perceiver_ar.commands.<name>``, which defines
+``register(subparsers)`` and calls one library function that works from
+Python too. Errors a user can cause are printed as one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Modules under perceiver_ar.commands, in the order --help lists them.
+COMMANDS = ["convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perceiver-ar",
+        description="Perceiver AR: long-context autoregressive models (prepare, train, eval, generate).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"perceiver_ar.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # OpenMP spin-waiting makes small CPU steps many times slower when anything
+    # else runs; passive waiting must be set before torch starts its threads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if os.environ.get("PERCEIVER_AR_DEBUG"):
+            raise
+        print(f"perceiver-ar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"perceiver-ar {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``perceiver-ar`` CLI, one module each (see perceiver_ar.cli)."""
