@@ -59,8 +59,12 @@ def test_golden_intermediate_activations(name):
     captured = {}
     hooks = [
         model.latent_init.register_forward_hook(lambda m, i, o: captured.__setitem__("linear:out", o)),
-        model.cross_attend.register_forward_hook(lambda m, i, o: captured.__setitem__("cross_attention:out", o)),
-        model.latent_layers[0].register_forward_hook(lambda m, i, o: captured.__setitem__("self_attention:out", o)),
+        model.cross_attend.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("cross_attention:out", o)
+        ),
+        model.latent_layers[0].register_forward_hook(
+            lambda m, i, o: captured.__setitem__("self_attention:out", o)
+        ),
         model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("logits:in", o)),
     ]
     with torch.no_grad():
@@ -89,6 +93,8 @@ def test_convert_from_npz_files_and_cli(tmp_path):
     model = PerceiverAR.from_pretrained(str(tmp_path / "model"))
     data = np.load(npz)
     with torch.no_grad():
-        out = model(torch.from_numpy(data["full/inputs"]).long(), torch.from_numpy(data["full/input_idxs"][..., 0]))
+        out = model(
+            torch.from_numpy(data["full/inputs"]).long(), torch.from_numpy(data["full/input_idxs"][..., 0])
+        )
     np.testing.assert_allclose(out.logits.numpy(), data["full/logits"], atol=1e-4)
     assert len(load_official_npz(npz)) == len(model.state_dict())

@@ -1,8 +1,8 @@
 """Perceiver AR in PyTorch: long-context autoregressive modelling.
 
-    from perceiver_ar import PerceiverAR, PerceiverARConfig
-    model = PerceiverAR(PerceiverARConfig.from_preset("tiny"))
-    logits = model(torch.randint(3, 259, (2, 64))).logits  # [2, 16, 259]
+from perceiver_ar import PerceiverAR, PerceiverARConfig
+model = PerceiverAR(PerceiverARConfig.from_preset("tiny"))
+logits = model(torch.randint(3, 259, (2, 64))).logits  # [2, 16, 259]
 """
 
 from .config import PRESETS, PerceiverARConfig

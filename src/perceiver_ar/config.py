@@ -86,20 +86,14 @@ class PerceiverARConfig:
         if self.num_latent_layers < 0:
             fail(f"num_latent_layers must be >= 0, got {self.num_latent_layers}")
         if self.num_latents > self.context_len:
-            fail(
-                f"num_latents ({self.num_latents}) cannot exceed context_len "
-                f"({self.context_len})"
-            )
+            fail(f"num_latents ({self.num_latents}) cannot exceed context_len ({self.context_len})")
         if self.input_dim % self.cross_attend_heads:
             fail(
                 f"input_dim ({self.input_dim}) must be divisible by "
                 f"cross_attend_heads ({self.cross_attend_heads})"
             )
         if self.latent_dim % self.latent_heads:
-            fail(
-                f"latent_dim ({self.latent_dim}) must be divisible by "
-                f"latent_heads ({self.latent_heads})"
-            )
+            fail(f"latent_dim ({self.latent_dim}) must be divisible by latent_heads ({self.latent_heads})")
         if self.position_encoding not in POSITION_ENCODINGS:
             fail(f"position_encoding must be one of {POSITION_ENCODINGS}")
         if self.absolute_table not in ABSOLUTE_TABLES:

@@ -150,7 +150,9 @@ def config_from_official(kwargs: Mapping[str, Any]) -> PerceiverARConfig:
     if pe_type == "rotary":
         if int(get("max_wavelength")) < context_len:
             raise ValueError("official rotary configs need max_wavelength >= max_context_length")
-        cfg.update(rotary_fraction=float(get("fraction_to_rotate")), max_wavelength=int(get("max_wavelength")))
+        cfg.update(
+            rotary_fraction=float(get("fraction_to_rotate")), max_wavelength=int(get("max_wavelength"))
+        )
     elif pe_type == "absolute":
         table, learnable = get("position_encoding"), bool(get("learnable_position_embeddings"))
         if table == "sinusoidal":
@@ -184,7 +186,7 @@ def _official_names(config: PerceiverARConfig) -> dict[str, tuple[str, str]]:
         names[f"{ours}.bias"] = (f"{theirs}/offset", "same")
 
     def attention(ours: str, theirs: str) -> None:
-        for w, suffix in zip(("wq", "wk", "wv", "wo"), ("", "_1", "_2", "_3")):
+        for w, suffix in zip(("wq", "wk", "wv", "wo"), ("", "_1", "_2", "_3"), strict=True):
             linear(f"{ours}.{w}", f"{theirs}/linear{suffix}")
 
     def dense(ours: str, theirs: str) -> None:
@@ -240,12 +242,10 @@ def from_official(params: Mapping[str, Any], config: Mapping[str, Any]) -> Perce
         array = np.asarray(params[path], dtype=np.float32)
         tensor = torch.from_numpy(array.T.copy() if kind == "linear_w" else array.copy())
         if tensor.shape != state[ours].shape:
-            shape = tuple(array.shape)
+            note = " (Haiku weights are [in, out])" if kind == "linear_w" else ""
             raise ValueError(
-                f"official parameter {path} has shape {shape}, but the config needs "
-                f"{tuple(state[ours].shape)} (after transposing Haiku [in, out] weights)"
-                if kind == "linear_w"
-                else f"official parameter {path} has shape {shape}, the config needs {tuple(state[ours].shape)}"
+                f"official parameter {path} has shape {tuple(array.shape)}, but the config needs "
+                f"{tuple(state[ours].shape)}{note}"
             )
         new_state[ours] = tensor
     model.load_state_dict(new_state)

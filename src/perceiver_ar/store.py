@@ -146,7 +146,9 @@ class TokenStore:
             n = int(offsets[-1])
             dtype = np.dtype(self.meta["dtype"])
             if path.stat().st_size != n * dtype.itemsize:
-                raise ValueError(f"{path} is truncated or corrupt: {path.stat().st_size} bytes for {n} tokens")
+                raise ValueError(
+                    f"{path} is truncated or corrupt: {path.stat().st_size} bytes for {n} tokens"
+                )
             tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
             self._splits[name] = Split(tokens, offsets)
         return self._splits[name]

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "directory (config.json + model.safetensors).",
     )
     p.add_argument("params", help="the .npz file of official parameters")
-    p.add_argument("config", help="JSON file of the official PerceiverAR kwargs (or an .npz with config_json)")
+    p.add_argument(
+        "config", help="JSON file of the official PerceiverAR kwargs (or an .npz with config_json)"
+    )
     p.add_argument("out_dir", help="the model directory to write")
     p.set_defaults(func=run)
 
