@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import PerceiverARConfig
+
+if TYPE_CHECKING:  # the cache lives with the generator; the model only writes to it
+    from .generate import KVCache, KVSlots
 
 PAD_ID = 0
 EOS_ID = 1
@@ -45,9 +49,7 @@ def sequence_lengths(inputs: Tensor) -> Tensor:
     """Index of the first PAD in each row, or T if there is none. [B]."""
     B, T = inputs.shape
     is_pad = inputs == PAD_ID
-    first_pad = torch.where(
-        is_pad, torch.arange(T, device=inputs.device), torch.full_like(inputs, T)
-    )
+    first_pad = torch.where(is_pad, torch.arange(T, device=inputs.device), torch.full_like(inputs, T))
     return first_pad.min(dim=1).values
 
 
@@ -268,9 +270,13 @@ class CrossAttend(nn.Module):
         masks: Masks,
         rope_q: tuple[Tensor, Tensor] | None,
         rope_k: tuple[Tensor, Tensor] | None,
+        cache: KVSlots | None = None,
     ) -> Tensor:
         q = self.attention.queries(self.query_norm(z0), rope_q)  # [B, H, M, E/H]
         k, v = self.attention.keys_values(self.kv_norm(emb), rope_k)  # [B, H, T, E/H]
+        if cache is not None:
+            # Generation: store these inputs' keys/values, attend to every cached one.
+            k, v = cache.update(k, v)
         chunk = self.cfg.cross_attend_chunk_size
         M = q.shape[2]
         if chunk <= 0 or chunk >= M:
@@ -301,10 +307,20 @@ class LatentLayer(nn.Module):
         self.feed_forward = FeedForward(D, cfg.latent_widening, cfg.activation, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, z: Tensor, masks: Masks, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(
+        self,
+        z: Tensor,
+        masks: Masks,
+        rope: tuple[Tensor, Tensor] | None,
+        cache: KVSlots | None = None,
+    ) -> Tensor:
         h = self.attention_norm(z)
-        attn = self.attention(
-            h, h, masks.latent, rope, rope, is_causal=masks.latent_causal and masks.latent is None
+        q = self.attention.queries(h, rope)
+        k, v = self.attention.keys_values(h, rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # this layer's latents so far, the new ones last
+        attn = self.attention.attend(
+            q, k, v, masks.latent, is_causal=masks.latent_causal and masks.latent is None
         )
         z = z + self.dropout(attn)
         return z + self.feed_forward(self.ffn_norm(z))
@@ -407,8 +423,10 @@ class PerceiverAR(nn.Module):
         n_axes = len(self.pos_embeddings) if cfg.position_encoding == "absolute" else 1
         ok_shape = positions.shape == (B, T) or (positions.dim() == 3 and positions.shape[:2] == (B, T))
         if not ok_shape:
-            raise ValueError(f"positions must be [B, T] or [B, T, axes] like inputs {tuple(inputs.shape)}, "
-                             f"got {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions must be [B, T] or [B, T, axes] like inputs {tuple(inputs.shape)}, "
+                f"got {tuple(positions.shape)}"
+            )
         axes = 1 if positions.dim() == 2 else positions.shape[2]
         if axes != n_axes:
             raise ValueError(f"positions have {axes} index axes but the model expects {n_axes}")
@@ -427,6 +445,7 @@ class PerceiverAR(nn.Module):
         inputs: Tensor,
         positions: Tensor | None = None,
         num_latents: int | None = None,
+        cache: KVCache | None = None,
     ) -> PerceiverAROutput:
         """Logits of the M latents for a right-padded batch.
 
@@ -435,7 +454,18 @@ class PerceiverAR(nn.Module):
         1-based, 0 on padding; defaults to 1..length.
         num_latents overrides the config's M for this call; M = T gives a
         decoder-only Transformer. Each latent predicts the token after its input.
+
+        cache (generation only, see perceiver_ar.generate): an empty cache is
+        filled with the keys/values of this forward (the prime or a reset); a
+        filled one makes this call one decode step (``decode_step``).
         """
+        if cache is not None:
+            if self.training:
+                raise ValueError("cached generation needs model.eval(): dropout would corrupt the cache")
+            if cache.num_inputs > 0:
+                return self.decode_step(inputs, positions, cache)
+            if not bool((inputs != PAD_ID).all()):
+                raise ValueError("a cache can only be filled from inputs without padding")
         cfg = self.config
         M = cfg.num_latents if num_latents is None else int(num_latents)
         self._check_inputs(inputs, positions, M)
@@ -478,12 +508,13 @@ class PerceiverAR(nn.Module):
         if cfg.checkpoint_cross_attend and self.training:
             z = checkpoint(self.cross_attend, z0, emb, masks, rope_cross_q, rope_cross_k, use_reentrant=False)
         else:
-            z = self.cross_attend(z0, emb, masks, rope_cross_q, rope_cross_k)
-        for layer in self.latent_layers:
+            cross_cache = None if cache is None else cache.cross
+            z = self.cross_attend(z0, emb, masks, rope_cross_q, rope_cross_k, cross_cache)
+        for i, layer in enumerate(self.latent_layers):
             if cfg.checkpoint_latent_layers and self.training:
                 z = checkpoint(layer, z, masks, rope_latent, use_reentrant=False)
             else:
-                z = layer(z, masks, rope_latent)
+                z = layer(z, masks, rope_latent, None if cache is None else cache.latent[i])
         logits = self.output(self.norm(z))  # [B, M, V]
 
         if kept_index is not None:
@@ -492,6 +523,36 @@ class PerceiverAR(nn.Module):
                 latent_index >= 0, kept_index.gather(1, latent_index.clamp(min=0)), latent_index
             )
         return PerceiverAROutput(logits=logits, latent_index=latent_index)
+
+    def decode_step(self, inputs: Tensor, positions: Tensor, cache: KVCache) -> PerceiverAROutput:
+        """One generation step: the new input hosts one new latent. Logits [B, 1, V].
+
+        inputs [B, 1] is the token just sampled and positions [B, 1] its
+        position. Its keys/values join the cross-attend cache and the latent's
+        join each latent layer's cache; the latent attends to everything cached
+        (all of it precedes it), so no mask is built. Token ids are not range
+        checked here: that would cost a device sync per token.
+        """
+        cfg = self.config
+        B = cache.batch_size
+        if inputs.shape != (B, 1) or positions is None or positions.shape[:2] != (B, 1):
+            raise ValueError(
+                f"a cached step takes one new token [{B}, 1] and its position [{B}, 1], "
+                f"got {tuple(inputs.shape)} and {None if positions is None else tuple(positions.shape)}"
+            )
+        emb = self.embed(inputs, positions)  # [B, 1, E]
+        z0 = self.latent_init(emb)  # [B, 1, D]
+        rope_cross = rope_latent = None
+        if cfg.position_encoding == "rotary":
+            rot_pos = positions if positions.dim() == 2 else positions[..., 0]
+            rope_cross = rotary_tables(rot_pos, cfg.cross_attend_rotary_dim, cfg.max_wavelength)
+            rope_latent = rotary_tables(rot_pos, cfg.latent_rotary_dim, cfg.max_wavelength)
+        see_all = Masks(cross=None, latent=None, latent_causal=False, uniform_rows=None)
+        z = self.cross_attend(z0, emb, see_all, rope_cross, rope_cross, cache.cross)
+        for layer, layer_cache in zip(self.latent_layers, cache.latent, strict=True):
+            z = layer(z, see_all, rope_latent, layer_cache)
+        logits = self.output(self.norm(z))  # [B, 1, V]
+        return PerceiverAROutput(logits=logits, latent_index=torch.zeros_like(inputs))
 
     # ------------------------------------------------------------ save/load
 

@@ -1,0 +1,433 @@
+"""Generation: the KV cache, prime / decode one token / reset, sampling, streaming.
+
+Cached generation follows the official sampler (sample_utils.py): the prompt
+is primed with one forward that hosts a single latent and fills the caches;
+each new token then costs one latent whose keys/values join the caches; when
+the latent caches are full, a reset recomputes the current window with a fill
+of latents (M/2 by default) and refills them. Past N tokens the window slides:
+the cross-attend cache is a ring over the last N inputs.
+
+``use_cache=False`` runs the same sampler with every step recomputed from
+scratch: a full forward over the window hosting as many latents as the cache
+would hold. Until the window slides past N, the two paths compute the same
+logits (the tests check this).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import PerceiverARConfig
+from .model import PAD_ID, PerceiverAR
+
+# ----------------------------------------------------------------------------
+# The KV cache
+# ----------------------------------------------------------------------------
+
+
+class KVSlots:
+    """Preallocated keys and values of one attention layer, [B, H, S, dh], written by index.
+
+    The keys are stored after projection and rotary, so a cached key never
+    needs its position again. Slots [0, length) are valid. An empty cache
+    takes a whole block at once (the prime or a reset); after that, one entry
+    per step. ``ring`` (the cross-attend cache) lets writes wrap around once
+    all S slots are full, overwriting the oldest input: the window slides.
+    Order within the cache does not matter, because the one new query sees
+    every cached entry.
+    """
+
+    def __init__(self, batch_size: int, num_heads: int, slots: int, head_dim: int, ring: bool, **factory):
+        self.k = torch.zeros(batch_size, num_heads, slots, head_dim, **factory)
+        self.v = torch.zeros_like(self.k)
+        self.ring = ring
+        self.length = 0  # valid slots
+        self.next = 0  # slot the next step writes
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def clear(self) -> None:
+        self.length = self.next = 0  # stale slots are never read, so nothing is zeroed
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values [B, H, T, dh]; return every valid one to attend to."""
+        T = k.shape[2]
+        if self.length == 0:
+            if T > self.capacity:
+                raise ValueError(f"{T} entries do not fit a cache of {self.capacity} slots")
+            self.k[:, :, :T] = k
+            self.v[:, :, :T] = v
+            self.length = self.next = T
+            return k, v  # the same values, kept contiguous for the block-causal forward
+        if T != 1:
+            raise ValueError(f"a filled cache takes one entry per step, got {T}")
+        if self.next == self.capacity:
+            if not self.ring:
+                raise ValueError("the latent cache is full: reset it with a full forward first")
+            self.next = 0
+        self.k[:, :, self.next] = k[:, :, 0]
+        self.v[:, :, self.next] = v[:, :, 0]
+        self.next += 1
+        self.length = min(self.length + 1, self.capacity)
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class KVCache:
+    """Every cache one generation needs: N cross-attend slots and M slots per latent layer.
+
+    Owned by the generator and passed to ``model(..., cache=cache)``; it is not
+    a module, so it never appears in a ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        config: PerceiverARConfig,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        cfg = config
+        factory = dict(device=device, dtype=dtype)
+        self.batch_size = batch_size
+        self.cross = KVSlots(
+            batch_size, cfg.cross_attend_heads, cfg.context_len, cfg.cross_attend_head_dim, True, **factory
+        )
+        self.latent = [
+            KVSlots(batch_size, cfg.latent_heads, cfg.num_latents, cfg.latent_head_dim, False, **factory)
+            for _ in range(cfg.num_latent_layers)
+        ]
+
+    @classmethod
+    def for_model(cls, model: PerceiverAR, batch_size: int) -> KVCache:
+        p = next(model.parameters())
+        return cls(model.config, batch_size, device=p.device, dtype=p.dtype)
+
+    @property
+    def num_inputs(self) -> int:
+        """Inputs whose keys/values are cached (the window, at most N)."""
+        return self.cross.length
+
+    def clear(self) -> None:
+        self.cross.clear()
+        for layer in self.latent:
+            layer.clear()
+
+
+# ----------------------------------------------------------------------------
+# Prefill, decode one token, sample
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prefill(
+    model: PerceiverAR, tokens: Tensor, positions: Tensor, num_latents: int, cache: KVCache | None
+) -> Tensor:
+    """One full forward over the window hosting ``num_latents`` latents. Next-token logits [B, V].
+
+    With a cache, it is cleared and then filled with the keys/values of every
+    input and every latent (the prime, or a reset).
+    """
+    if cache is not None:
+        cache.clear()
+    return model(tokens, positions, num_latents=num_latents, cache=cache).logits[:, -1]
+
+
+@torch.no_grad()
+def decode_one(model: PerceiverAR, token: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+    """The cached step: one new token [B] at ``position`` [B] hosts one latent. Logits [B, V]."""
+    return model(token[:, None], position[:, None], cache=cache).logits[:, -1]
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One id per row from logits [B, V]; temperature 0 is greedy.
+
+    top_k keeps the k largest logits, top_p the smallest set of most likely
+    ids whose probability reaches p; the rest can never be drawn. PAD is never
+    drawn: inside a window it would read as the end of the sequence.
+    """
+    logits = logits.float().clone()
+    logits[:, PAD_ID] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely id always stays
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------
+
+
+class _History:
+    """Every token so far with its position; the model sees the last N (the window).
+
+    New tokens take the position after the last one. With an absolute position
+    table, a window whose positions run past the table is renumbered to start
+    at 1 (``rebased``); rotary positions are relative, so they never need it.
+    """
+
+    def __init__(self, prompt: Tensor, positions: Tensor, max_new_tokens: int, config: PerceiverARConfig):
+        B, T = prompt.shape
+        self.tokens = prompt.new_zeros(B, T + max_new_tokens)
+        self.positions = positions.new_zeros(B, T + max_new_tokens)
+        self.tokens[:, :T] = prompt
+        self.positions[:, :T] = positions
+        self.end = T
+        self.context_len = config.context_len
+        self.max_position = None
+        if config.position_encoding == "absolute":
+            self.max_position = config.position_table_sizes[0] - 1
+        self.shift = torch.zeros_like(positions[:, :1])  # subtracted from every position
+        self.last_position = int(positions[:, -1].max())  # largest window position, shift applied
+        self.rebased = False
+        self._fit_table()
+
+    @property
+    def start(self) -> int:
+        return max(0, self.end - self.context_len)
+
+    def window(self) -> tuple[Tensor, Tensor]:
+        """Tokens and positions of the window, [B, W] each."""
+        s, e = self.start, self.end
+        return self.tokens[:, s:e], self.positions[:, s:e] - self.shift
+
+    def append(self, token: Tensor) -> None:
+        self.tokens[:, self.end] = token
+        self.positions[:, self.end] = self.positions[:, self.end - 1] + 1
+        self.end += 1
+        self.last_position += 1
+        self.rebased = False
+        self._fit_table()
+
+    def _fit_table(self) -> None:
+        if self.max_position is None or self.last_position <= self.max_position:
+            return
+        first = self.positions[:, self.start : self.start + 1]
+        self.shift = first - 1
+        self.last_position = int((self.positions[:, self.end - 1 : self.end] - self.shift).max())
+        if self.last_position > self.max_position:
+            raise ValueError(
+                f"the window's positions reach {self.last_position} but the absolute position table "
+                f"has {self.max_position + 1} rows: build the model with larger position_table_sizes"
+            )
+        self.rebased = True
+
+
+@dataclass
+class GenerationStep:
+    """One step of ``generate_stream``: one new token per row."""
+
+    index: int  # 0 for the first new token
+    tokens: Tensor  # [B] the new ids; PAD in rows that have already stopped
+    logits: Tensor  # [B, V] the logits they were drawn from (before temperature and filters)
+    mode: str  # "prime", "cached_step", "reset" (cached) or "recompute" (use_cache=False)
+    num_latents: int  # latents in the forward that made the prediction (the cache's schedule)
+
+
+def _prepare_prompt(model: PerceiverAR, prompt, positions) -> tuple[Tensor, Tensor]:
+    device = next(model.parameters()).device
+    prompt = torch.as_tensor(prompt, device=device)
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    if prompt.dim() != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
+        raise ValueError(
+            f"prompt must be [batch, length] token ids with length >= 1, got {tuple(prompt.shape)}"
+        )
+    if prompt.is_floating_point() or prompt.is_complex():
+        raise ValueError(f"prompt must hold integer token ids, got {prompt.dtype}")
+    prompt = prompt.long()
+    V = model.config.vocab_size
+    lo, hi = int(prompt.min()), int(prompt.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"prompt token ids must lie in [0, {V}), got ids from {lo} to {hi}")
+    if bool((prompt == PAD_ID).any()):
+        raise ValueError(f"prompt must not contain PAD ({PAD_ID}): give every row the same, unpadded length")
+    B, T = prompt.shape
+    if positions is None:
+        positions = torch.arange(1, T + 1, device=device).expand(B, T)
+    positions = torch.as_tensor(positions, device=device)
+    if positions.dim() == 3 and positions.shape[2] == 1:
+        positions = positions[..., 0]
+    if positions.shape != (B, T):
+        raise ValueError(
+            f"positions must be [batch, length] like the prompt {(B, T)}, got {tuple(positions.shape)} "
+            "(generation continues one position axis only)"
+        )
+    if positions.is_floating_point() or bool((positions < 1).any()):
+        raise ValueError("positions must be integers >= 1 (1-based data positions)")
+    return prompt, positions.long()
+
+
+def generate_stream(
+    model: PerceiverAR,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    reset_fill: int | None = None,
+    positions: Tensor | None = None,
+    stop_tokens: Sequence[int] | None = None,
+) -> Iterator[GenerationStep]:
+    """Yield a ``GenerationStep`` per new token; the arguments are ``generate``'s.
+
+    The iteration ends after ``max_new_tokens`` steps, or earlier once every
+    row has produced a stop token. The model is put in eval mode while the
+    iterator runs and returned to its mode when it finishes or is closed.
+    """
+    cfg = model.config
+    M = cfg.num_latents
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    fill = max(M // 2, 1) if reset_fill is None else int(reset_fill)
+    if not 1 <= fill <= M:
+        raise ValueError(f"reset_fill must be in [1, num_latents={M}], got {reset_fill}")
+    prompt, positions = _prepare_prompt(model, prompt, positions)
+    B = prompt.shape[0]
+    device = prompt.device
+    stop = None if not stop_tokens else torch.as_tensor(list(stop_tokens), device=device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+    cache = KVCache.for_model(model, B) if use_cache else None
+    history = _History(prompt, positions, max_new_tokens, cfg)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        num_latents = 0  # latents the cache holds (and a recompute hosts)
+        for index in range(max_new_tokens):
+            if index == 0:
+                mode, num_latents = "prime", 1
+            elif num_latents >= M or history.rebased:
+                mode, num_latents = "reset", fill
+            else:
+                mode, num_latents = "cached_step", num_latents + 1
+            tokens, pos = history.window()
+            if not use_cache:
+                mode = "recompute"
+                logits = prefill(model, tokens, pos, num_latents, None)
+            elif mode == "cached_step":
+                logits = decode_one(model, tokens[:, -1], pos[:, -1], cache)
+            else:
+                logits = prefill(model, tokens, pos, num_latents, cache)
+            token = sample(logits, temperature, top_k, top_p, generator)
+            yield GenerationStep(index, token.masked_fill(done, PAD_ID), logits, mode, num_latents)
+            if stop is not None:
+                done |= torch.isin(token, stop)
+                if bool(done.all()):
+                    return
+            if index + 1 < max_new_tokens:
+                history.append(token)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class GenerationOutput:
+    """The result of ``generate``."""
+
+    tokens: Tensor  # [B, max_new_tokens] new ids; PAD after a row's stop token
+    num_generated: Tensor  # [B] new tokens per row, its stop token included
+    prefill_seconds: float  # the prime: prompt to first token
+    decode_seconds: float  # every later step
+    num_steps: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after the first, summed over the batch."""
+        steps = self.num_steps - 1
+        return self.tokens.shape[0] * steps / self.decode_seconds if steps > 0 else float("nan")
+
+
+def generate(
+    model: PerceiverAR,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    reset_fill: int | None = None,
+    positions: Tensor | None = None,
+    stop_tokens: Sequence[int] | None = None,
+) -> GenerationOutput:
+    """Continue each row of ``prompt`` by up to ``max_new_tokens`` tokens.
+
+    prompt: [B, T] token ids without padding (a 1-D prompt is one row); longer
+    than N, only its last N tokens are seen. temperature 0 is greedy; top_k and
+    top_p filter before drawing; seed makes the draws reproducible (a
+    ``torch.Generator``). use_cache=False recomputes every step from scratch.
+    reset_fill: latents a reset keeps (default M/2, as the official sampler).
+    positions: [B, T] 1-based positions of the prompt (default 1..T); new
+    tokens continue from the last. stop_tokens end a row once drawn.
+    """
+    steps = generate_stream(
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        use_cache=use_cache,
+        reset_fill=reset_fill,
+        positions=positions,
+        stop_tokens=stop_tokens,
+    )
+    device = next(model.parameters()).device
+    B = 1 if torch.as_tensor(prompt).dim() == 1 else len(prompt)
+    tokens = torch.full((B, max_new_tokens), PAD_ID, dtype=torch.long, device=device)
+    num_generated = torch.zeros(B, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    first = start
+    num_steps = 0
+    for step in steps:
+        tokens[:, step.index] = step.tokens
+        num_generated += (step.tokens != PAD_ID).long()
+        num_steps += 1
+        if step.index == 0:
+            _sync(device)
+            first = time.perf_counter()
+    _sync(device)
+    end = time.perf_counter()
+    return GenerationOutput(tokens, num_generated, first - start, end - first, num_steps)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
