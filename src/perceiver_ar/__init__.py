@@ -7,6 +7,7 @@ logits = model(torch.randint(3, 259, (2, 64))).logits  # [2, 16, 259]
 
 from .config import PRESETS, PerceiverARConfig
 from .convert import from_official
+from .generate import GenerationOutput, GenerationStep, generate, generate_stream
 from .loss import LossOutput, perceiver_ar_loss, shift_events
 from .model import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET, PerceiverAR, PerceiverAROutput
 
@@ -20,7 +21,11 @@ __all__ = [
     "PerceiverAR",
     "PerceiverARConfig",
     "PerceiverAROutput",
+    "GenerationOutput",
+    "GenerationStep",
     "from_official",
+    "generate",
+    "generate_stream",
     "perceiver_ar_loss",
     "shift_events",
 ]

@@ -1,0 +1,214 @@
+"""``perceiver-ar generate``: continue a text prompt with a saved model, streaming the text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a text prompt with a saved model, streaming the text as it is produced",
+        description="Generate text with a model directory (config.json + model.safetensors). The text "
+        "streams to stdout as it is produced; timing goes to stderr at the end.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model directory written by save_pretrained or training")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate per sample")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="draw only from the k most likely tokens")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="draw only from the smallest set holding p of the mass"
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="stop a sample at this token: an id, or text that is one token (repeatable); EOS always stops",
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--no-sos", action="store_true", help="do not start the prompt with the SOS token")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="data store directory or JSON file holding the tokenizer (default: meta.json or tokenizer.json "
+        "beside the model or in its parent directory, else UTF-8 bytes)",
+    )
+    p.add_argument(
+        "--reset-fill", type=int, default=None, help="latents kept when the cache resets (default M/2)"
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute every step from scratch (slow; for checks)"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def _tokenizer_from_json(d: dict):
+    from ..tokenizer import BPETokenizer, tokenizer_from_dict
+
+    if isinstance(d.get("tokenizer"), dict):  # a store's meta.json
+        d = d["tokenizer"]
+    if d.get("type") in ("bytes", "bpe"):
+        return tokenizer_from_dict(d)
+    if "model" in d:  # a tokenizers-library JSON file
+        from tokenizers import Tokenizer
+
+        return BPETokenizer(Tokenizer.from_str(json.dumps(d)))
+    return None
+
+
+def load_tokenizer(model_dir: Path, spec: str | None, vocab_size: int):
+    """The tokenizer named by ``spec``, else one saved beside the model, else UTF-8 bytes."""
+    from ..tokenizer import ByteTokenizer
+
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec is not None:
+        path = Path(spec)
+        if path.is_dir():
+            path = path / "meta.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {spec}: give a data store directory or a JSON file")
+        candidates = [path]
+    else:
+        candidates = [
+            d / name for d in (model_dir, model_dir.parent) for name in ("tokenizer.json", "meta.json")
+        ]
+    for path in candidates:
+        if path.is_file():
+            try:
+                tok = _tokenizer_from_json(json.loads(path.read_text()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path} does not hold a tokenizer: {e}") from None
+            if tok is not None:
+                break
+            if spec is not None:
+                raise ValueError(f"{path} does not hold a tokenizer")
+    else:
+        tok = ByteTokenizer()
+    if tok.vocab_size != vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}: "
+            "pass the data store the model was trained on with --tokenizer"
+        )
+    return tok
+
+
+class TextStream:
+    """Decode ids as they come; hold back a token that ends inside a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending)
+        self.pending = []
+        return text
+
+
+def _stop_ids(tokenizer, stops: list[str], ignore_eos: bool) -> list[int]:
+    from ..model import EOS_ID
+
+    ids = [] if ignore_eos else [EOS_ID]
+    for s in stops:
+        if s.lstrip("-").isdigit():
+            ids.append(int(s))
+            continue
+        enc = tokenizer.encode(s)
+        if len(enc) != 1:
+            raise ValueError(f"--stop {s!r} is {len(enc)} tokens; give one token (or its id)")
+        ids.append(enc[0])
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import generate_stream
+    from ..model import SOS_ID, PerceiverAR
+
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    if args.num_samples < 1:
+        raise ValueError("--num-samples must be >= 1")
+    model_dir = Path(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = PerceiverAR.from_pretrained(str(model_dir), map_location=device).eval()
+    tokenizer = load_tokenizer(model_dir, args.tokenizer, model.config.vocab_size)
+    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    ids = ([] if args.no_sos else [SOS_ID]) + tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the prompt is empty: give some text, or drop --no-sos")
+    prompt = torch.tensor([ids] * args.num_samples, device=device)
+    steps = generate_stream(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+        reset_fill=args.reset_fill,
+        stop_tokens=_stop_ids(tokenizer, args.stop, args.ignore_eos),
+    )
+
+    streams = [TextStream(tokenizer) for _ in range(args.num_samples)]
+    texts = [""] * args.num_samples
+    live = args.num_samples == 1  # one sample streams; several are printed at the end
+    if live:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    start = time.perf_counter()
+    first = None
+    num_tokens = 0
+    for step in steps:
+        if first is None:
+            first = time.perf_counter()
+        for b, token in enumerate(step.tokens.tolist()):
+            if token:  # PAD marks a row that has stopped
+                num_tokens += 1
+                texts[b] += streams[b].push(token)
+        if live:
+            sys.stdout.write(texts[0])
+            sys.stdout.flush()
+            texts[0] = ""
+    end = time.perf_counter()
+    for b, stream in enumerate(streams):
+        texts[b] += stream.flush()
+    if live:
+        sys.stdout.write(texts[0] + "\n")
+    else:
+        for b, sample in enumerate(texts):
+            sys.stdout.write(f"=== sample {b + 1} ===\n{text}{sample}\n")
+    sys.stdout.flush()
+    first = first or end
+    decode_tokens = num_tokens - args.num_samples
+    rate = decode_tokens / (end - first) if end > first and decode_tokens > 0 else float("nan")
+    print(
+        f"[{num_tokens} tokens in {end - start:.2f} s: prefill {first - start:.3f} s, "
+        f"{rate:.1f} tokens/s after the first, {'no cache' if args.no_cache else 'cached'}, {device}]",
+        file=sys.stderr,
+    )
+    return 0
