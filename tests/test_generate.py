@@ -340,3 +340,24 @@ def test_bench_generate_quick():
     result = bench.main(["--quick"])
     assert result["cached"]["decode_tok_s"] > 0 and result["no_cache"]["decode_tok_s"] > 0
     assert result["cached"]["prefill_s"] > 0
+
+
+def test_cli_finds_the_tokenizer_of_a_training_run(tmp_path):
+    from perceiver_ar.commands.generate import TextStream, load_tokenizer
+    from perceiver_ar.tokenizer import BPETokenizer, ByteTokenizer
+
+    bpe = BPETokenizer.train(["the cat sat on the mat, the cat ate"] * 20, vocab_size=270)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text(json.dumps({"modality": "text", "tokenizer": bpe.to_dict()}))
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({"data": str(store)}))
+    tok = load_tokenizer(run / "model", None, bpe.vocab_size)
+    assert isinstance(tok, BPETokenizer) and tok.decode(tok.encode("the cat")) == "the cat"
+    assert isinstance(load_tokenizer(tmp_path, None, 259), ByteTokenizer)
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_tokenizer(run / "model", None, 259)
+    stream = TextStream(ByteTokenizer())  # a character split over tokens appears once complete
+    ids = ByteTokenizer().encode("é!")
+    assert [stream.push(i) for i in ids] == ["", "é", "!"]

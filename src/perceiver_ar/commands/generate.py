@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="data store directory or JSON file holding the tokenizer (default: meta.json or tokenizer.json "
-        "beside the model or in its parent directory, else UTF-8 bytes)",
+        help="data store directory or JSON file holding the tokenizer, or 'bytes' (default: tokenizer.json"
+        " or meta.json beside the model or in its parent, else the data store named by the training run, "
+        "else UTF-8 bytes)",
     )
     p.add_argument(
         "--reset-fill", type=int, default=None, help="latents kept when the cache resets (default M/2)"
@@ -86,6 +87,14 @@ def load_tokenizer(model_dir: Path, spec: str | None, vocab_size: int):
         candidates = [
             d / name for d in (model_dir, model_dir.parent) for name in ("tokenizer.json", "meta.json")
         ]
+        # A training run (run/model or run/checkpoints/step_N) names its data store.
+        for run_dir in (model_dir.parent, model_dir.parent.parent):
+            train_config = run_dir / "train_config.json"
+            if train_config.is_file():
+                data = json.loads(train_config.read_text()).get("data")
+                if data:
+                    candidates.append(Path(data) / "meta.json")
+                break
     for path in candidates:
         if path.is_file():
             try:
