@@ -269,7 +269,10 @@ def test_prepare_music_folder_and_bad_midi(tmp_path, capsys):
     store = TokenStore(tmp_path / "s")
     assert store.meta["modality"] == "music" and store.vocab_size == 391
     assert sum(len(store.split(s)) for s in store.split_names) == 5
-    assert "test" in store.split_names and "train" in store.split_names
+    expected = assign_splits(sorted(f.name for f in folder.glob("*.mid")), 0.05, 0.1)
+    for split in ("train", "validation", "test"):
+        n = sum(v == split for k, v in expected.items() if k != "fake.mid")
+        assert (len(store.split(split)) if split in store.split_names else 0) == n
     with pytest.raises(ValueError, match="public-domain"):
         mu.music21_midi_files("essenFolksong")
 
@@ -366,7 +369,7 @@ def test_prepare_audio_folder_splits_by_file_and_reports_bad_files(tmp_path, cap
     assert store.meta["modality"] == "audio" and store.meta["sample_rate"] == 8000
     lengths = sorted(int(n) for s in store.split_names for n in store.split(s).lengths)
     assert lengths == [2 + 2000 + 50 * i for i in range(5)]  # resampled 16 kHz -> 8 kHz, SOS + EOS
-    expected = assign_splits(sorted(str(f) for f in folder.glob("*.wav")), 0.0, 0.2)
+    expected = assign_splits(sorted(f.name for f in folder.glob("*.wav")), 0.0, 0.2)
     assert len(store.split("train")) == sum(v == "train" for k, v in expected.items() if "float" not in k)
     # Keeping the file's rate.
     assert prepare_cli(["audio", str(folder / "t0.wav"), "--out", str(tmp_path / "k"), "--rate", "file"]) == 0

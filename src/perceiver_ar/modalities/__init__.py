@@ -35,6 +35,19 @@ def handle_bad_file(path: object, reason: str, on_error: str) -> None:
     print(f"skipping {path}: {reason}", file=sys.stderr)
 
 
+def split_keys(files: list) -> dict:
+    """A name per file for ``assign_splits``: its path relative to the files' common folder.
+
+    Relative names keep a corpus's split when its folder moves.
+    """
+    import os
+
+    if not files:
+        return {}
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return {f: os.path.relpath(os.path.abspath(f), root) for f in files}
+
+
 def assign_splits(names: list[str], validation_fraction: float, test_fraction: float) -> dict[str, str]:
     """Split named items into train/valid/test, stable across runs and machines.
 

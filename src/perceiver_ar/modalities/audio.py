@@ -18,7 +18,7 @@ import numpy as np
 
 from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, handle_bad_file
+from . import assign_splits, handle_bad_file, split_keys
 
 MU = 255
 LEVELS = MU + 1
@@ -204,8 +204,9 @@ def prepare_audio(
         if not paths:
             raise ValueError("give WAV files or folders, or --default for the asterisk music")
         files = find_wav_files(list(paths))
-        splits = assign_splits([str(f) for f in files], validation_fraction, test_fraction)
-        plan = [(f, splits[str(f)]) for f in files]
+        keys = split_keys(files)
+        splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
+        plan = [(f, splits[keys[f]]) for f in files]
         source = "files"
     writer = None
     store_rate = rate

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..model import SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, handle_bad_file
+from . import assign_splits, handle_bad_file, split_keys
 
 VOCAB_SIZE = 256 + TOKEN_OFFSET
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -362,12 +362,13 @@ def prepare_images(
         raise ValueError("--size is required for image folders (for example --size 32 or --size 32x48)")
     channels = channels or 3
     files = find_image_files(list(paths))
-    splits = assign_splits([str(f) for f in files], validation_fraction, test_fraction)
+    keys = split_keys(files)
+    splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
     shape = (size[0], size[1], channels)
     writer = StoreWriter(out, VOCAB_SIZE, image_meta(shape, "files", positions))
     counts = {"train": 0, "validation": 0, "test": 0}
     for f in files:
-        split = splits[str(f)]
+        split = splits[keys[f]]
         if limit is not None and counts[split] >= limit:
             continue
         try:

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, handle_bad_file
+from . import assign_splits, handle_bad_file, split_keys
 
 NUM_PITCHES = 128
 NUM_TIME_SHIFTS = 100
@@ -376,7 +376,8 @@ def prepare_music(
         if limit is not None:
             files = files[:limit]
         source = "files"
-    splits = assign_splits([f.name if corpus else str(f) for f in files], validation_fraction, test_fraction)
+    keys = {f: f.name for f in files} if corpus else split_keys(files)
+    splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
     writer = StoreWriter(out, VOCAB_SIZE, music_meta(source))
     written = 0
     for f in files:
@@ -388,7 +389,7 @@ def prepare_music(
         if tokens.size <= 2:
             handle_bad_file(f, "holds no notes", on_error)
             continue
-        writer.add(splits[f.name if corpus else str(f)], tokens)
+        writer.add(splits[keys[f]], tokens)
         written += 1
     return writer.close()
 

@@ -121,7 +121,7 @@ def sample_uncached(
     """
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    tokens = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device)
+    tokens = torch.from_numpy(np.array(prompt, dtype=np.int64)).to(device)
     B = tokens.shape[0]
     N = model.config.context_len
     was_training = model.training
@@ -162,7 +162,7 @@ def continue_tokens(
 
     out = generate(
         model,
-        torch.as_tensor(np.asarray(prompt), dtype=torch.long),
+        torch.from_numpy(np.array(prompt, dtype=np.int64)),
         max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -185,8 +185,6 @@ def render_images(
     meta = store.meta
     shape = tuple(meta["image_shape"])
     n_sub = int(np.prod(shape))
-    if n_sub + 1 > model.config.context_len:
-        raise ValueError(f"an image document ({n_sub + 1} tokens) is longer than the model's context")
     split = store.split("test" if "test" in store.split_names else store.split_names[-1])
     k = min(num_samples, len(split))
     half = (shape[0] // 2) * shape[1] * shape[2]  # subpixels of the top half
