@@ -546,7 +546,9 @@ class PerceiverAR(nn.Module):
         if cfg.position_encoding == "rotary":
             rot_pos = positions if positions.dim() == 2 else positions[..., 0]
             rope_cross = rotary_tables(rot_pos, cfg.cross_attend_rotary_dim, cfg.max_wavelength)
-            rope_latent = rotary_tables(rot_pos, cfg.latent_rotary_dim, cfg.max_wavelength)
+            rope_latent = rope_cross
+            if cfg.latent_rotary_dim != cfg.cross_attend_rotary_dim:
+                rope_latent = rotary_tables(rot_pos, cfg.latent_rotary_dim, cfg.max_wavelength)
         see_all = Masks(cross=None, latent=None, latent_causal=False, uniform_rows=None)
         z = self.cross_attend(z0, emb, see_all, rope_cross, rope_cross, cache.cross)
         for layer, layer_cache in zip(self.latent_layers, cache.latent, strict=True):
