@@ -177,6 +177,28 @@ def test_positions_continue_from_the_prompt():
     torch.testing.assert_close(steps[2].logits, ref, atol=1e-5, rtol=0)
 
 
+def test_planned_positions_and_several_position_tables():
+    """Positions given for every token to come: the only way with several tables (images)."""
+    model = make_model()
+    prompt = random_prompt(2, 5)
+    ref = generate(model, prompt, 10, temperature=0).tokens
+    planned = torch.arange(1, 16).expand(2, 15)
+    assert torch.equal(generate(model, prompt, 10, temperature=0, positions=planned).tokens, ref)
+
+    model = make_model("absolute", position_table_sizes=(9, 5))  # e.g. image rows, columns
+    T, K = 6, 14
+    grid = torch.stack([torch.arange(T + K) // 4 + 1, torch.arange(T + K) % 4 + 1], -1).expand(2, T + K, 2)
+    kw = dict(temperature=0, positions=grid)
+    cached = list(generate_stream(model, random_prompt(2, T), K, **kw))
+    recomputed = list(generate_stream(model, random_prompt(2, T), K, use_cache=False, **kw))
+    for a, b in zip(cached, recomputed, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="every token to come"):
+        generate(model, random_prompt(2, T), K)
+    with pytest.raises(ValueError, match="run past the model.s table"):
+        generate(model, random_prompt(2, T), K, positions=grid * 2)
+
+
 # -------------------------------------------------------------------- sampling
 
 

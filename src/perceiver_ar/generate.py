@@ -185,24 +185,31 @@ def sample(
 class _History:
     """Every token so far with its position; the model sees the last N (the window).
 
-    New tokens take the position after the last one. With an absolute position
-    table, a window whose positions run past the table is renumbered to start
-    at 1 (``rebased``); rotary positions are relative, so they never need it.
+    Positions are given for the prompt, and new tokens take the position after
+    the last one; or they are given for every token to come (``planned``, the
+    only way with several position axes). With one absolute position table, a
+    window whose positions run past the table is renumbered to start at 1
+    (``rebased``); rotary positions are relative, so they never need it.
     """
 
     def __init__(self, prompt: Tensor, positions: Tensor, max_new_tokens: int, config: PerceiverARConfig):
         B, T = prompt.shape
-        self.tokens = prompt.new_zeros(B, T + max_new_tokens)
-        self.positions = positions.new_zeros(B, T + max_new_tokens)
+        total = T + max_new_tokens
+        self.tokens = prompt.new_zeros(B, total)
         self.tokens[:, :T] = prompt
-        self.positions[:, :T] = positions
+        self.planned = positions.shape[1] == total
+        if self.planned:
+            self.positions = positions.clone()
+        else:
+            self.positions = positions.new_zeros(B, total)
+            self.positions[:, :T] = positions
         self.end = T
         self.context_len = config.context_len
-        self.max_position = None
-        if config.position_encoding == "absolute":
+        self.max_position = None  # set when the window may need renumbering
+        if config.position_encoding == "absolute" and positions.dim() == 2:
             self.max_position = config.position_table_sizes[0] - 1
-        self.shift = torch.zeros_like(positions[:, :1])  # subtracted from every position
-        self.last_position = int(positions[:, -1].max())  # largest window position, shift applied
+        self.shift = torch.zeros_like(positions[:, :1])  # [B, 1], subtracted from every position
+        self.last_position = int(positions[:, T - 1].max())  # newest position in the window, shift applied
         self.rebased = False
         self._fit_table()
 
@@ -211,24 +218,27 @@ class _History:
         return max(0, self.end - self.context_len)
 
     def window(self) -> tuple[Tensor, Tensor]:
-        """Tokens and positions of the window, [B, W] each."""
+        """Tokens [B, W] and positions [B, W] (or [B, W, axes]) of the window."""
         s, e = self.start, self.end
-        return self.tokens[:, s:e], self.positions[:, s:e] - self.shift
+        positions = self.positions[:, s:e]
+        return self.tokens[:, s:e], (positions if self.max_position is None else positions - self.shift)
 
     def append(self, token: Tensor) -> None:
         self.tokens[:, self.end] = token
-        self.positions[:, self.end] = self.positions[:, self.end - 1] + 1
-        self.end += 1
-        self.last_position += 1
         self.rebased = False
+        if not self.planned:
+            self.positions[:, self.end] = self.positions[:, self.end - 1] + 1
+            self.last_position += 1
+        elif self.max_position is not None:
+            self.last_position = int((self.positions[:, self.end] - self.shift[:, 0]).max())
+        self.end += 1
         self._fit_table()
 
     def _fit_table(self) -> None:
         if self.max_position is None or self.last_position <= self.max_position:
             return
-        first = self.positions[:, self.start : self.start + 1]
-        self.shift = first - 1
-        self.last_position = int((self.positions[:, self.end - 1 : self.end] - self.shift).max())
+        self.shift = self.positions[:, self.start : self.start + 1] - 1
+        self.last_position = int((self.positions[:, self.end - 1] - self.shift[:, 0]).max())
         if self.last_position > self.max_position:
             raise ValueError(
                 f"the window's positions reach {self.last_position} but the absolute position table "
@@ -248,7 +258,8 @@ class GenerationStep:
     num_latents: int  # latents in the forward that made the prediction (the cache's schedule)
 
 
-def _prepare_prompt(model: PerceiverAR, prompt, positions) -> tuple[Tensor, Tensor]:
+def _prepare_prompt(model: PerceiverAR, prompt, positions, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    cfg = model.config
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt, device=device)
     if prompt.dim() == 1:
@@ -260,10 +271,9 @@ def _prepare_prompt(model: PerceiverAR, prompt, positions) -> tuple[Tensor, Tens
     if prompt.is_floating_point() or prompt.is_complex():
         raise ValueError(f"prompt must hold integer token ids, got {prompt.dtype}")
     prompt = prompt.long()
-    V = model.config.vocab_size
     lo, hi = int(prompt.min()), int(prompt.max())
-    if lo < 0 or hi >= V:
-        raise ValueError(f"prompt token ids must lie in [0, {V}), got ids from {lo} to {hi}")
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}), got ids from {lo} to {hi}")
     if bool((prompt == PAD_ID).any()):
         raise ValueError(f"prompt must not contain PAD ({PAD_ID}): give every row the same, unpadded length")
     B, T = prompt.shape
@@ -272,13 +282,32 @@ def _prepare_prompt(model: PerceiverAR, prompt, positions) -> tuple[Tensor, Tens
     positions = torch.as_tensor(positions, device=device)
     if positions.dim() == 3 and positions.shape[2] == 1:
         positions = positions[..., 0]
-    if positions.shape != (B, T):
+    total = T + max_new_tokens
+    if positions.dim() not in (2, 3) or positions.shape[0] != B or positions.shape[1] not in (T, total):
         raise ValueError(
-            f"positions must be [batch, length] like the prompt {(B, T)}, got {tuple(positions.shape)} "
-            "(generation continues one position axis only)"
+            f"positions must be [{B}, {T}] for the prompt or [{B}, {total}] for every token to come "
+            f"(with a third axis for several position tables), got {tuple(positions.shape)}"
         )
-    if positions.is_floating_point() or bool((positions < 1).any()):
-        raise ValueError("positions must be integers >= 1 (1-based data positions)")
+    if positions.dim() == 3 and positions.shape[1] != total:
+        raise ValueError(
+            f"with several position axes, give the positions of every token to come: [{B}, {total}, axes]"
+        )
+    if positions.is_floating_point() or bool((positions < 0).any()):
+        raise ValueError("positions must be integers >= 0 (1-based data positions)")
+    if cfg.position_encoding == "absolute" and positions.dim() == 3:
+        if positions.shape[2] != len(cfg.position_table_sizes):
+            raise ValueError(
+                f"positions have {positions.shape[2]} axes but the model has "
+                f"{len(cfg.position_table_sizes)} position tables"
+            )
+        for axis, size in enumerate(cfg.position_table_sizes):
+            if int(positions[..., axis].max()) >= size:
+                raise ValueError(f"positions on axis {axis} run past the model's table of {size} rows")
+    elif cfg.position_encoding == "absolute" and len(cfg.position_table_sizes) > 1:
+        raise ValueError(
+            f"the model has {len(cfg.position_table_sizes)} position tables: give positions "
+            f"[{B}, {total}, {len(cfg.position_table_sizes)}] for every token to come"
+        )
     return prompt, positions.long()
 
 
@@ -315,7 +344,7 @@ def generate_stream(
     fill = max(M // 2, 1) if reset_fill is None else int(reset_fill)
     if not 1 <= fill <= M:
         raise ValueError(f"reset_fill must be in [1, num_latents={M}], got {reset_fill}")
-    prompt, positions = _prepare_prompt(model, prompt, positions)
+    prompt, positions = _prepare_prompt(model, prompt, positions, max_new_tokens)
     B = prompt.shape[0]
     device = prompt.device
     stop = None if not stop_tokens else torch.as_tensor(list(stop_tokens), device=device)
@@ -393,8 +422,10 @@ def generate(
     top_p filter before drawing; seed makes the draws reproducible (a
     ``torch.Generator``). use_cache=False recomputes every step from scratch.
     reset_fill: latents a reset keeps (default M/2, as the official sampler).
-    positions: [B, T] 1-based positions of the prompt (default 1..T); new
-    tokens continue from the last. stop_tokens end a row once drawn.
+    positions: [B, T] 1-based positions of the prompt (default 1..T), new
+    tokens continuing from the last; or [B, T + max_new_tokens] (or
+    [B, T + max_new_tokens, axes] for several position tables) for every token
+    to come. stop_tokens end a row once drawn.
     """
     steps = generate_stream(
         model,
