@@ -45,9 +45,9 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_model, save_model
 from .config import PerceiverARConfig
-from .data import crops_to_batch, make_sampler, max_position, targets_per_row
+from .data import crops_to_batch, events_to_inputs_and_targets, make_sampler, max_position, targets_per_row
 from .evaluate import evaluate
-from .loss import perceiver_ar_loss, shift_events
+from .loss import perceiver_ar_loss
 from .model import PerceiverAR
 from .store import TokenStore
 
@@ -67,7 +67,8 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # model config fields overriding the preset
     init_from: str | None = None  # start from this model directory's weights and config
     resume: bool = False  # continue the run in `out` from its last checkpoint
-    steps: int = 1000  # optimizer steps in all
+    steps: int = 1000  # optimizer steps in all (the schedule's length)
+    stop_at: int = 0  # end this session at this step, checkpointed, as if interrupted (0: at `steps`)
     batch_size: int = 16  # rows per optimizer step, over all ranks and accumulation micro-steps
     grad_accum: int = 1  # micro-steps per optimizer step (each rank)
     sampler: str = "crops"  # "crops" (official random crops) or "stream" (fixed windows)
@@ -112,6 +113,7 @@ def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
     d = json.loads(path.read_text())
+    d["stop_at"] = 0  # a session setting: the resumed session runs on unless told otherwise
     d.update(overrides, out=str(run_dir), resume=True)
     return TrainConfig.from_dict(d)
 
@@ -452,7 +454,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_eval = None
     last: dict[str, Any] = {}
     t0 = time.perf_counter()
-    while step < cfg.steps:
+    end_step = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    while step < end_step:
         t_step = time.perf_counter()
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
@@ -472,7 +475,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 local[micro * micro_batch : (micro + 1) * micro_batch],
                 model_cfg.context_len,
             )
-            inputs, targets = shift_events(torch.from_numpy(events).to(rt.device))
+            inputs, targets = events_to_inputs_and_targets(torch.from_numpy(events).to(rt.device))
             positions = torch.from_numpy(positions).to(rt.device)
             # Only the last micro-step syncs gradients across ranks.
             sync = micro == cfg.grad_accum - 1 or rt.world_size == 1
@@ -521,14 +524,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if writer is not None:
                 for key in ("loss", "bits_per_token", "lr", "grad_norm", "tokens_per_s"):
                     writer.add_scalar(f"train/{key}", last[key], step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < end_step:
             last_eval = run_eval()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end_step:
             checkpoint()
 
     # --- the end: a final evaluation, checkpoint and loss plot
     bar.close()
-    last_eval = run_eval() or last_eval
+    if step == cfg.steps:  # not when stopped early: the run goes on later
+        last_eval = run_eval() or last_eval
     if last_checkpoint != step:
         checkpoint()
     train_seconds = time.perf_counter() - t0
