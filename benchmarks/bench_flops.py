@@ -1,0 +1,204 @@
+"""CPU efficiency: achieved FLOP/s of a training step against a measured fp32 matmul peak.
+
+FLOPs are counted analytically (``training_flops``): every matmul of the
+forward pass at 2 FLOPs per multiply-add, attention scores and weighted sums
+over the full rectangle the kernel computes (the causal masks hide about half
+of the cross-attend band and of each latent square, but a masked SDPA still
+computes it), and the usual 2x forward for the backward pass. The peak is the
+median rate of a square fp32 ``torch.mm`` on the same threads, measured in
+its own process before and after the model cases.
+
+    python benchmarks/bench_flops.py            # a few minutes
+    python benchmarks/bench_flops.py --quick    # seconds, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import (
+    case_argument,
+    format_table,
+    machine_info,
+    markdown_table,
+    median,
+    new_figure,
+    report_case,
+    run_case,
+    save_figure,
+    save_results,
+    set_threads,
+    timed,
+)
+
+
+def forward_flops(cfg: dict, n: int, m: int, batch: int) -> dict[str, float]:
+    """Forward FLOPs of one batch of full rows of n inputs with m latents, by part."""
+    E, D = cfg["input_dim"], cfg["latent_dim"]
+    V = cfg.get("vocab_size", 259)
+    wc, wl = cfg.get("cross_attend_widening", 4), cfg.get("latent_widening", 4)
+    L = cfg["num_latent_layers"]
+    parts = {
+        "latent_init": 2 * m * E * D,
+        "cross_qo": 2 * m * D * E + 2 * m * E * D,
+        "cross_kv": 2 * 2 * n * E * E,
+        "cross_attention": 2 * 2 * m * n * E,  # scores q.k and the weighted sum of v
+        "cross_mlp": 2 * 2 * m * D * wc * D,
+        "latent_proj": L * 4 * 2 * m * D * D,
+        "latent_attention": L * 2 * 2 * m * m * D,
+        "latent_mlp": L * 2 * 2 * m * D * wl * D,
+        "logits": 2 * m * D * V,
+    }
+    return {k: float(v * batch) for k, v in parts.items()}
+
+
+def training_flops(cfg: dict, n: int, m: int, batch: int) -> float:
+    """Forward + backward (2x forward) FLOPs of one training step."""
+    return 3.0 * sum(forward_flops(cfg, n, m, batch).values())
+
+
+def run_one(case: dict) -> dict:
+    threads = set_threads(case["threads"])
+    if case["kind"] == "matmul":
+        import torch
+
+        size = case["size"]
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        times = timed(lambda: torch.mm(a, b), repeats=case["repeats"], warmup=2)
+        return {"gflops": 2 * size**3 / median(times) / 1e9, "times": times, "threads": threads}
+
+    from common import build_model, make_train_step, random_batch
+
+    cfg = case["config"]
+    model = build_model(cfg)
+    inputs, targets = random_batch(case["batch"], cfg["context_len"])
+    step = make_train_step(model, inputs, targets, num_latents=case["num_latents"])
+    times = timed(step, repeats=case["repeats"], warmup=1)
+    return {"step_s": median(times), "times": times, "threads": threads}
+
+
+CASES = [
+    # name, N, M, batch
+    ("Perceiver AR", 4096, 512, 2),
+    ("Perceiver AR", 16384, 1024, 1),
+    ("decoder-only", 4096, 4096, 1),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    p.add_argument("--width", type=int, default=512, help="E = D")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    cases = CASES
+    if args.quick:
+        args.width, args.heads, args.layers, args.matmul_size, args.repeats = 32, 2, 1, 256, 1
+        cases = [("Perceiver AR", 128, 32, 2), ("decoder-only", 128, 128, 1)]
+    inline = run_one if args.quick else None
+
+    def peak() -> float:
+        r = run_case(
+            __file__,
+            {
+                "kind": "matmul",
+                "size": args.matmul_size,
+                "repeats": 5 * args.repeats,
+                "threads": args.threads,
+            },
+            inline=inline,
+        )
+        print(f"fp32 matmul {args.matmul_size}^3: {r['gflops']:.1f} GFLOP/s", flush=True)
+        return r["gflops"]
+
+    peaks = [peak()]
+    rows = []
+    for name, n, m, batch in cases:
+        cfg = dict(
+            context_len=n,
+            num_latents=m,
+            input_dim=args.width,
+            latent_dim=args.width,
+            num_latent_layers=args.layers,
+            cross_attend_heads=args.heads,
+            latent_heads=args.heads,
+        )
+        r = run_case(
+            __file__,
+            {
+                "kind": "model",
+                "config": cfg,
+                "num_latents": m,
+                "batch": batch,
+                "repeats": args.repeats,
+                "threads": args.threads,
+            },
+            inline=inline,
+        )
+        flops = training_flops(cfg, n, m, batch)
+        row = {"model": name, "N": n, "M": m, "batch": batch, "gflop_step": flops / 1e9, **r}
+        row["achieved_gflops"] = flops / r["step_s"] / 1e9
+        row["parts"] = forward_flops(cfg, n, m, batch)
+        rows.append(row)
+        print(
+            f"{name} N={n} M={m} B={batch}: {r['step_s']:.2f} s/step, {flops / 1e9:.0f} GFLOP, "
+            f"{row['achieved_gflops']:.1f} GFLOP/s",
+            flush=True,
+        )
+    peaks.append(peak())
+    peak_gflops = median(peaks)
+    for row in rows:
+        row["fraction_of_peak"] = row["achieved_gflops"] / peak_gflops
+
+    info = machine_info(args.threads)
+    cols = [
+        ("model", "model", ""),
+        ("N", "N", ""),
+        ("M", "M", ""),
+        ("batch", "batch", ""),
+        ("gflop_step", "GFLOP/step", ".0f"),
+        ("step_s", "s/step", ".2f"),
+        ("achieved_gflops", "achieved GFLOP/s", ".1f"),
+        ("fraction_of_peak", "of matmul peak", ".0%"),
+    ]
+    print(
+        f"\nE=D={args.width}, {args.heads} heads, L={args.layers}; fp32 matmul peak "
+        f"{peak_gflops:.1f} GFLOP/s (median of {len(peaks)}: {', '.join(f'{x:.1f}' for x in peaks)}); "
+        f"{info['threads']} threads, {info['cpu']}"
+    )
+    print(format_table(rows, cols))
+    name = "bench_flops_quick" if args.quick else "bench_flops"
+    save_results(
+        name,
+        {
+            "machine": info,
+            "args": vars(args),
+            "matmul_peak_gflops": peaks,
+            "rows": rows,
+            "markdown": markdown_table(rows, cols),
+        },
+    )
+
+    fig, ax = new_figure(figsize=(7, 4))
+    labels = [f"{r['model']}\nN={r['N']} M={r['M']} B={r['batch']}" for r in rows]
+    ax.bar(range(len(rows)), [r["achieved_gflops"] for r in rows], color="tab:blue", label="training step")
+    ax.axhline(peak_gflops, color="tab:red", linestyle="--", label=f"fp32 matmul peak {peak_gflops:.0f}")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"Achieved FLOP/s of a training step ({info['threads']} threads)")
+    ax.legend()
+    save_figure(fig, name)
+    return 0
+
+
+if __name__ == "__main__":
+    case = case_argument()
+    if case is not None:
+        report_case(run_one(case))
+    else:
+        sys.exit(main())

@@ -1,0 +1,263 @@
+"""Shared helpers of the benchmark scripts: process isolation, timing, tables, results.
+
+Every benchmark measures each case in a fresh Python process (``run_case``) so
+that peak resident memory (``ru_maxrss``) belongs to that case alone, and
+writes its numbers to ``benchmarks/results/<name>.json`` next to a PNG plot.
+OpenMP is told to wait passively before torch is imported: with spinning
+threads a small step on this shared 2-core machine runs several times slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+BENCH_DIR = Path(__file__).resolve().parent
+# Tests point this elsewhere so smoke runs never touch the committed plots.
+RESULTS_DIR = Path(os.environ.get("PERCEIVER_AR_BENCH_RESULTS", BENCH_DIR / "results"))
+CASE_MARK = "@@CASE@@"  # prefixes the one stdout line a case process reports
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def set_threads(threads: int) -> int:
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def report_case(result: dict[str, Any]) -> None:
+    """Called inside a case process: hand its result back to the parent."""
+    result.setdefault("peak_rss_mb", peak_rss_mb())
+    print(CASE_MARK + json.dumps(result), flush=True)
+
+
+def run_case(
+    script: str | Path,
+    case: dict[str, Any],
+    python: str = sys.executable,
+    timeout: float = 3600.0,
+    memory_limit_mb: float | None = None,
+    extra_args: Sequence[str] = (),
+    inline: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``python script --case JSON`` in a fresh process and return its report.
+
+    A case that crashes, grows past ``memory_limit_mb`` of resident memory
+    (polled every 0.2 s, then killed) or times out comes back as
+    ``{"error": ...}`` so the caller can say where a model stops fitting.
+    ``inline`` runs the case in this process instead (``--quick`` smoke
+    tests: no torch start-up per case, memory numbers meaningless).
+    """
+    if inline is not None:
+        result = inline(case)
+        result.setdefault("peak_rss_mb", peak_rss_mb())
+        return result
+    cmd = [python, str(script), *extra_args, "--case", json.dumps(case)]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.monotonic()
+    killed = None
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if time.monotonic() - t0 > timeout:
+            killed = f"timed out after {timeout:.0f} s"
+        elif memory_limit_mb is not None and _rss_of(proc.pid) > memory_limit_mb:
+            killed = f"does not fit: over {memory_limit_mb / 1024:.0f} GB resident"
+        if killed:
+            proc.kill()
+            break
+    stdout, stderr = proc.communicate()
+    if killed:
+        return {"error": killed}
+    for line in stdout.splitlines():
+        if line.startswith(CASE_MARK):
+            return json.loads(line[len(CASE_MARK) :])
+    tail = " | ".join((stderr or stdout).strip().splitlines()[-3:])[-300:]
+    return {"error": f"failed (exit {proc.returncode}): {tail}"}
+
+
+def _rss_of(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` holds (key, header, format) triples."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = row.get(key)
+            line.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    out = [" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)) for r in cells]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---:" for _ in columns) + "|"
+    body = []
+    for row in rows:
+        vals = []
+        for key, _, fmt in columns:
+            v = row.get(key)
+            vals.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        body.append("| " + " | ".join(vals) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def save_results(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def new_figure(**kwargs: Any):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(**kwargs)
+
+
+def save_figure(fig: Any, name: str, out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# A training step of this library, shared by the benchmarks
+# ----------------------------------------------------------------------------
+
+
+def build_model(overrides: dict[str, Any], seed: int = 0):
+    import torch
+
+    from perceiver_ar.config import PerceiverARConfig
+    from perceiver_ar.model import PerceiverAR
+
+    torch.manual_seed(seed)
+    return PerceiverAR(PerceiverARConfig(**overrides))
+
+
+def random_batch(batch: int, length: int, vocab: int = 259, seed: int = 0):
+    """Full rows of random data tokens, inputs and next-token targets [B, T]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    events = torch.randint(3, vocab, (batch, length + 1), generator=g)
+    return events[:, :-1], events[:, 1:]
+
+
+def make_train_step(model, inputs, targets, num_latents: int | None = None, lr: float = 1e-4):
+    """A closure running forward, loss, backward and one AdamW step."""
+    import torch
+
+    from perceiver_ar.loss import perceiver_ar_loss
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def step() -> float:
+        out = model(inputs, num_latents=num_latents)
+        loss = perceiver_ar_loss(out.logits, targets, out.latent_index).mean
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def make_forward(model, inputs, num_latents: int | None = None):
+    import torch
+
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(inputs, num_latents=num_latents)
+
+    return forward
+
+
+def case_argument(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """The ``--case JSON`` argument when this process is a case runner, else None."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--case" in argv:
+        return json.loads(argv[argv.index("--case") + 1])
+    return None

@@ -1,0 +1,273 @@
+"""Long context: chunked cross-attend, activation checkpointing, the copy task, benchmark smoke runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perceiver_ar.config import PerceiverARConfig
+from perceiver_ar.copy_task import (
+    copy_accuracy,
+    copy_distance,
+    copy_sequences,
+    distance_buckets,
+    half_length,
+    training_crops,
+    write_copy_store,
+)
+from perceiver_ar.loss import perceiver_ar_loss, shift_events
+from perceiver_ar.model import EOS_ID, PAD_ID, SOS_ID, PerceiverAR, PerceiverAROutput
+from perceiver_ar.store import TokenStore
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def padded_batch(T: int = 40, lengths=(40, 31, 9, 3), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded events of the given lengths; inputs and targets as the official shift makes them."""
+    g = torch.Generator().manual_seed(seed)
+    events = torch.randint(3, 259, (len(lengths), T + 1), generator=g)
+    for i, n in enumerate(lengths):
+        events[i, n + 1 :] = PAD_ID
+    return shift_events(events)
+
+
+def loss_and_grads(cfg: PerceiverARConfig, inputs, targets, seed: int = 0):
+    torch.manual_seed(seed)
+    model = PerceiverAR(cfg)
+    with torch.no_grad():  # the zero-initialised logits layer would hide every other gradient
+        model.output.weight.normal_(0, 0.1)
+    model.train()
+    torch.manual_seed(seed + 1)  # dropout draws
+    out = model(inputs)
+    loss = perceiver_ar_loss(out.logits, targets, out.latent_index).mean
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def assert_same(a, b, atol=1e-5):
+    logits_a, grads_a = a
+    logits_b, grads_b = b
+    torch.testing.assert_close(logits_a, logits_b, atol=atol, rtol=1e-4)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+BASE = dict(
+    context_len=64,
+    num_latents=16,
+    input_dim=32,
+    latent_dim=24,
+    num_latent_layers=2,
+    cross_attend_heads=4,
+    latent_heads=4,
+)
+
+
+@pytest.mark.parametrize("position_encoding", ["rotary", "absolute"])
+@pytest.mark.parametrize("chunk", [1, 5, 8])
+def test_chunked_cross_attend_equals_unchunked(position_encoding, chunk):
+    # Rows longer than M, shorter than M (invalid latents, uniform rows) and padded.
+    inputs, targets = padded_batch()
+    cfg = dict(BASE, position_encoding=position_encoding)
+    plain = loss_and_grads(PerceiverARConfig(**cfg), inputs, targets)
+    chunked = loss_and_grads(PerceiverARConfig(**cfg, cross_attend_chunk_size=chunk), inputs, targets)
+    assert_same(plain, chunked)
+
+
+def test_chunked_cross_attend_full_rows():
+    # The fast path (no padding, one shared band mask) chunks the same way.
+    inputs, targets = padded_batch(lengths=(40, 40))
+    plain = loss_and_grads(PerceiverARConfig(**BASE), inputs, targets)
+    chunked = loss_and_grads(PerceiverARConfig(**BASE, cross_attend_chunk_size=3), inputs, targets)
+    assert_same(plain, chunked)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_leaves_gradients_unchanged(dropout):
+    inputs, targets = padded_batch()
+    cfg = dict(BASE, dropout=dropout)
+    plain = loss_and_grads(PerceiverARConfig(**cfg), inputs, targets)
+    ckpt = loss_and_grads(
+        PerceiverARConfig(
+            **cfg, checkpoint_cross_attend=True, checkpoint_latent_layers=True, cross_attend_chunk_size=4
+        ),
+        inputs,
+        targets,
+    )
+    assert_same(plain, ckpt)
+
+
+# ----------------------------------------------------------------------------
+# The copy task
+# ----------------------------------------------------------------------------
+
+
+def test_copy_sequences_have_the_official_layout():
+    N = 20
+    rows = copy_sequences(5, N, np.random.default_rng(0))
+    h = half_length(N)
+    assert rows.shape == (5, N) and h == 9
+    for row in rows:
+        assert row[0] == SOS_ID and row[-1] == EOS_ID
+        first, mirrored = row[1 : h + 1], row[h + 1 : 2 * h + 1]
+        assert np.array_equal(mirrored, first[::-1])
+        assert first.min() >= 3 and first.max() <= 258
+    # The data tokens are uniform over all 256 byte values.
+    many = copy_sequences(200, 258, np.random.default_rng(1))[:, 1:129]
+    assert len(np.unique(many)) == 256
+    # Event h+1+k copies event h-k: distance 2k+1.
+    d = copy_distance(N)
+    for k in range(h):
+        assert rows[0, h + 1 + k] == rows[0, h + 1 + k - d[k]]
+    with pytest.raises(ValueError, match="even length"):
+        half_length(21)
+
+
+def test_distance_buckets_cover_every_distance():
+    for N in (8, 20, 1024):
+        buckets = distance_buckets(N)
+        d = copy_distance(N)
+        covered = sum(((d >= lo) & (d <= hi)).sum() for lo, hi in buckets)
+        assert covered == len(d)
+
+
+def test_training_crops_are_prefixes():
+    events = torch.from_numpy(copy_sequences(64, 32, np.random.default_rng(0)))
+    crops = training_crops(events, 16, torch.Generator().manual_seed(0))
+    lengths = (crops != PAD_ID).sum(1)
+    assert lengths.min() >= 16 and lengths.max() <= 32
+    for row, crop, n in zip(events, crops, lengths, strict=False):
+        assert torch.equal(crop[:n], row[:n]) and (crop[n:] == PAD_ID).all()
+
+
+def test_copy_store_and_cli(tmp_path):
+    out = write_copy_store(tmp_path / "copy", length=16, num_train=5, num_validation=3, seed=4)
+    store = TokenStore(out)
+    assert store.meta["copy"]["length"] == 16
+    assert len(store.split("train")) == 5 and len(store.split("validation")) == 3
+    for doc in store.split("train"):
+        assert len(doc) == 16 and doc[0] == SOS_ID and doc[-1] == EOS_ID
+        assert np.array_equal(doc[8:15], doc[1:8][::-1])
+    assert not np.array_equal(store.split("train")[0], store.split("validation")[0])
+
+    from perceiver_ar.cli import main
+
+    out2 = tmp_path / "c2"
+    argv = [
+        "prepare",
+        "copy",
+        "--length",
+        "10",
+        "--out",
+        str(out2),
+        "--num-train",
+        "2",
+        "--num-validation",
+        "1",
+    ]
+    assert main(argv) == 0
+    assert TokenStore(out2).split("train").lengths.tolist() == [10, 10]
+    assert main(["prepare", "copy", "--length", "11", "--out", str(tmp_path / "c3")]) == 2  # one clear error
+    assert not (tmp_path / "c3").exists()
+
+
+class MirrorOracle(torch.nn.Module):
+    """Predicts the mirrored token exactly, up to a copy distance of ``reach``."""
+
+    def __init__(self, N: int, M: int, reach: int):
+        super().__init__()
+        self.config = PerceiverARConfig(
+            context_len=N,
+            num_latents=min(M, N),
+            input_dim=8,
+            latent_dim=8,
+            cross_attend_heads=2,
+            latent_heads=2,
+        )
+        self.h = half_length(N)
+        self.reach = reach
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, inputs, num_latents=None):
+        B, T = inputs.shape
+        m = min(num_latents, T)
+        self.calls.append((T, m))
+        idx = torch.arange(T - m, T)
+        src = (2 * self.h - idx).clamp(0, T - 1)  # latent on input s predicts event s+1 = event 2h-s
+        pred = inputs[:, src]
+        dist = 2 * (idx - self.h) + 1
+        pred = torch.where((dist <= self.reach)[None, :], pred, torch.full_like(pred, 3))
+        logits = torch.nn.functional.one_hot(pred, 259).float()
+        return PerceiverAROutput(logits=logits, latent_index=idx.expand(B, m))
+
+
+@pytest.mark.parametrize("M", [5, 8, 64])
+def test_copy_accuracy_scores_every_mirrored_target_once(M):
+    N = 40
+    seqs = copy_sequences(6, N, np.random.default_rng(2))
+    acc = copy_accuracy(MirrorOracle(N, M, reach=10_000), seqs, num_latents=M, batch_size=4)
+    assert acc.total == 6 * half_length(N) and acc.accuracy == 1.0
+    assert all(b["accuracy"] == 1.0 for b in acc.buckets)
+    # An oracle that only reaches distance 7 is right on the first buckets only.
+    partial = copy_accuracy(MirrorOracle(N, M, reach=7), seqs, num_latents=M, batch_size=4)
+    by_bucket = {(b["lo"], b["hi"]): b["accuracy"] for b in partial.buckets}
+    assert by_bucket[(1, 1)] == by_bucket[(4, 7)] == 1.0
+    assert by_bucket[(8, 15)] < 0.05 and by_bucket[(16, 31)] < 0.05
+    assert partial.correct < partial.total
+
+
+def test_copy_accuracy_runs_a_real_model():
+    torch.manual_seed(0)
+    N = 32
+    model = PerceiverAR(
+        PerceiverARConfig(
+            context_len=N,
+            num_latents=6,
+            input_dim=16,
+            latent_dim=16,
+            num_latent_layers=1,
+            cross_attend_heads=2,
+            latent_heads=2,
+            position_encoding="absolute",
+            absolute_table="sinusoidal",
+        )
+    )
+    acc = copy_accuracy(model, copy_sequences(3, N, np.random.default_rng(0)))
+    assert acc.total == 3 * half_length(N) and 0.0 <= acc.accuracy <= 1.0
+    assert "distance" in acc.table()
+
+
+# ----------------------------------------------------------------------------
+# Benchmark scripts: smoke runs of --quick (no timing assertions)
+# ----------------------------------------------------------------------------
+
+BENCHMARKS = [
+    "bench_vs_decoder.py",
+    "bench_memory.py",
+    "bench_flops.py",
+    "bench_flexibility.py",
+    "bench_ports.py",
+    "train_copy.py",
+]
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_benchmark_quick_mode_runs(script, tmp_path):
+    if not (BENCH / script).exists():
+        pytest.skip(f"{script} not written yet")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PERCEIVER_AR_BENCH_RESULTS=str(tmp_path))
+    args = [sys.executable, str(BENCH / script), "--quick"]
+    if script == "train_copy.py":
+        args += ["--out", str(tmp_path / "copy-model")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
