@@ -311,6 +311,8 @@ def test_errors():
         generate(model, random_prompt(1, 4), 3, top_p=0)
     with pytest.raises(ValueError, match="token ids"):
         generate(model, torch.tensor([[5, 999]]), 3)
+    with pytest.raises(ValueError, match="top_k"):  # checked at the call, before iterating
+        generate_stream(model, random_prompt(1, 4), 3, top_k=0)
     cache = KVCache.for_model(model, 1)
     with pytest.raises(ValueError, match="eval"):
         model.train()(random_prompt(1, 4), cache=cache)

@@ -325,7 +325,7 @@ def generate_stream(
     positions: Tensor | None = None,
     stop_tokens: Sequence[int] | None = None,
 ) -> Iterator[GenerationStep]:
-    """Yield a ``GenerationStep`` per new token; the arguments are ``generate``'s.
+    """An iterator of one ``GenerationStep`` per new token; the arguments are ``generate``'s.
 
     The iteration ends after ``max_new_tokens`` steps, or earlier once every
     row has produced a stop token. The model is put in eval mode while the
@@ -351,8 +351,24 @@ def generate_stream(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
     cache = KVCache.for_model(model, B) if use_cache else None
     history = _History(prompt, positions, max_new_tokens, cfg)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    # Arguments are checked above, when generate_stream is called; the steps
+    # run as the caller iterates.
+    return _steps(model, history, cache, max_new_tokens, fill, sampling, stop)
 
+
+def _steps(
+    model: PerceiverAR,
+    history: _History,
+    cache: KVCache | None,
+    max_new_tokens: int,
+    fill: int,
+    sampling: dict,
+    stop: Tensor | None,
+) -> Iterator[GenerationStep]:
+    M = model.config.num_latents
+    use_cache = cache is not None
+    done = torch.zeros(history.tokens.shape[0], dtype=torch.bool, device=history.tokens.device)
     was_training = model.training
     model.eval()
     try:
@@ -372,7 +388,7 @@ def generate_stream(
                 logits = decode_one(model, tokens[:, -1], pos[:, -1], cache)
             else:
                 logits = prefill(model, tokens, pos, num_latents, cache)
-            token = sample(logits, temperature, top_k, top_p, generator)
+            token = sample(logits, **sampling)
             yield GenerationStep(index, token.masked_fill(done, PAD_ID), logits, mode, num_latents)
             if stop is not None:
                 done |= torch.isin(token, stop)
