@@ -5,6 +5,14 @@ model = PerceiverAR(PerceiverARConfig.from_preset("tiny"))
 logits = model(torch.randint(3, 259, (2, 64))).logits  # [2, 16, 259]
 """
 
+import os
+
+# OpenMP threads that spin while waiting make small CPU steps many times
+# slower whenever anything else runs (DESIGN.md section 3). The policy is read
+# when torch starts, so it is set here, before our first torch import; a value
+# the user exported wins, and it has no effect if torch was imported earlier.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .config import PRESETS, PerceiverARConfig
 from .convert import from_official
 from .generate import GenerationOutput, GenerationStep, generate, generate_stream
