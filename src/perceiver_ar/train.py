@@ -129,6 +129,7 @@ class Runtime:
     autocast_dtype: torch.dtype | None  # None: plain fp32
     rank: int
     world_size: int
+    owns_process_group: bool = False  # this run joined it, so this run leaves it
 
     @property
     def is_main(self) -> bool:
@@ -158,9 +159,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {cfg.precision!r}")
-    if world_size > 1 and not dist.is_initialized():
+    owns = world_size > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, torch.bfloat16 if precision == "bf16" else None, rank, world_size)
+    return Runtime(device, torch.bfloat16 if precision == "bf16" else None, rank, world_size, owns)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -542,7 +544,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if writer is not None:
             writer.close()
     if rt.world_size > 1:
-        dist.barrier()
+        dist.barrier()  # nobody leaves before rank 0 has written the last checkpoint
+    if rt.owns_process_group:
+        dist.destroy_process_group()
     return {
         "run_dir": str(run_dir),
         "model_dir": str(run_dir / "model"),
