@@ -92,17 +92,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for n in args.contexts:
+        evaluated: set[bool] = set()
         for sw in args.switches:
             for mode in ("train", "eval"):
-                if mode == "eval" and sw != args.switches[0]:
-                    continue  # switches only act in training
+                chunked = SWITCHES[sw]["cross_attend_chunk_size"] > 0
+                if mode == "eval" and chunked in evaluated:
+                    continue  # checkpointing only acts in training: one eval per chunk setting
+                if mode == "eval":
+                    evaluated.add(chunked)
                 cfg = {**base_config(args, n), **SWITCHES[sw]}
                 r = run_case(
                     __file__,
                     {"config": cfg, "mode": mode, "threads": args.threads},
                     inline=run_one if args.quick else None,
                 )
-                row = {"N": n, "switches": sw if mode == "train" else "-", "mode": mode, **r}
+                label = sw if mode == "train" else ("chunk" if chunked else "plain")
+                row = {"N": n, "switches": label, "mode": mode, **r}
                 if "peak_rss_mb" in r:
                     row["peak_rss_gb"] = r["peak_rss_mb"] / 1024
                 rows.append(row)
@@ -140,18 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     fig, ax = new_figure(figsize=(6, 4))
-    for sw in args.switches:
-        for mode in ("train", "eval"):
-            pts = [
-                (r["N"], r["peak_rss_gb"])
-                for r in rows
-                if r["mode"] == mode
-                and r["switches"] == (sw if mode == "train" else "-")
-                and "peak_rss_gb" in r
-            ]
-            if pts:
-                label = f"{mode} {sw}" if mode == "train" else "eval (forward)"
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    for mode, sw in sorted({(r["mode"], r["switches"]) for r in rows}, reverse=True):
+        pts = [
+            (r["N"], r["peak_rss_gb"])
+            for r in rows
+            if r["mode"] == mode and r["switches"] == sw and "peak_rss_gb" in r
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{mode}, {sw}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context N")
     ax.set_ylabel("peak RSS (GB)")

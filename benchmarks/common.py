@@ -238,7 +238,7 @@ def make_train_step(model, inputs, targets, num_latents: int | None = None, lr: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     return step
 

@@ -40,6 +40,7 @@ def copy_model_config(args: argparse.Namespace) -> dict:
         position_encoding="absolute",
         absolute_table="sinusoidal",
         dropout=args.dropout,
+        final_layer_init_zeros=bool(args.zero_init_logits),
     )
 
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=1, help="latent layers L")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--zero-init-logits", type=int, default=1, help="1: the official zero-initialised logits layer"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)

@@ -91,6 +91,25 @@ def test_chunked_cross_attend_full_rows():
     assert_same(plain, chunked)
 
 
+@pytest.mark.parametrize("position_encoding", ["rotary", "absolute"])
+def test_inference_forward_equals_training_forward(position_encoding):
+    # Without autograd the model may take memory-saving paths (chunks, in-place
+    # rotation); the logits must not change.
+    inputs, _ = padded_batch()
+    for chunk in (0, 8):
+        torch.manual_seed(0)
+        model = PerceiverAR(
+            PerceiverARConfig(**BASE, position_encoding=position_encoding, cross_attend_chunk_size=chunk)
+        )
+        with torch.no_grad():
+            model.output.weight.normal_(0, 0.1)
+        model.eval()
+        with_grad = model(inputs).logits.detach()
+        with torch.no_grad():
+            without = model(inputs).logits
+        torch.testing.assert_close(with_grad, without, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_checkpointing_leaves_gradients_unchanged(dropout):
     inputs, targets = padded_batch()
