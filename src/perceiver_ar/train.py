@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import load_model, save_model
 from .config import PerceiverARConfig
 from .data import crops_to_batch, events_to_inputs_and_targets, make_sampler, max_position, targets_per_row
-from .evaluate import evaluate
+from .evaluate import evaluate, unigram_log2p
 from .loss import perceiver_ar_loss
 from .model import PerceiverAR
 from .store import TokenStore
@@ -422,6 +422,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
 
+    baseline = unigram_log2p(train_split, store.vocab_size) if rt.is_main else None
+
     def run_eval() -> dict[str, Any] | None:
         if val_split is None or not rt.is_main:
             return None
@@ -434,6 +436,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             max_tokens=cfg.eval_tokens,
             device=rt.device,
             autocast_dtype=rt.autocast_dtype,
+            baseline_log2p=baseline,
         )
         log({"step": step, "eval": result})
         if writer is not None:
@@ -566,11 +569,13 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps, bits, eval_steps, eval_bits = [], [], [], []
+    unigram = None
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
         if "eval" in rec:
             eval_steps.append(rec["step"])
             eval_bits.append(rec["eval"]["bits_per_token"])
+            unigram = rec["eval"].get("unigram_bits_per_token", unigram)
         elif "bits_per_token" in rec:
             steps.append(rec["step"])
             bits.append(rec["bits_per_token"])
@@ -584,6 +589,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
         ax.plot(steps[window - 1 :], smooth, color="tab:blue", lw=2, label=f"train (mean of {window})")
     if eval_steps:
         ax.plot(eval_steps, eval_bits, "o-", color="tab:orange", label="validation")
+    if unigram is not None:
+        ax.axhline(unigram, color="grey", ls="--", lw=1, label="unigram baseline (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per token")
     ax.grid(alpha=0.3)

@@ -151,7 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if ev:
         line += f", validation {ev['bits_per_token']:.4f} bits/token"
         if "bits_per_byte" in ev:
-            line += f" ({ev['bits_per_byte']:.4f} bits/byte)"
+            line += f" ({ev['bits_per_byte']:.4f} bits/byte"
+            if "unigram_bits_per_byte" in ev:
+                line += f"; unigram baseline {ev['unigram_bits_per_byte']:.4f}"
+            line += ")"
     print(line)
     print(f"model: {result['model_dir']}  loss plot: {result['run_dir']}/loss.png")
     return 0
