@@ -31,6 +31,8 @@ PAD_ID = 0
 EOS_ID = 1
 SOS_ID = 2
 TOKEN_OFFSET = 3  # data token k has id k + 3
+# Query-chunk size of the cross-attend when autograd is off and the config sets none.
+INFERENCE_CROSS_ATTEND_CHUNK = 128
 
 
 # ----------------------------------------------------------------------------
@@ -147,6 +149,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated, x_pass), dim=-1)
 
 
+def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rotary`` in place, for inference: x must not need gradients.
+
+    The out-of-place form holds about four copies of the rotated channels at
+    once; at 131,072 inputs that is the peak of a forward pass. Here the
+    only temporary is one copy of the even channels.
+    """
+    r = 2 * cos.shape[-1]
+    pairs = x[..., :r].unflatten(-1, (r // 2, 2))
+    x0, x1 = pairs.unbind(-1)
+    x0_orig = x0.clone()
+    x0.mul_(cos).addcmul_(x1, sin, value=-1.0)  # x0 cos - x1 sin
+    x1.mul_(cos).addcmul_(x0_orig, sin)  # x1 cos + x0 sin
+    return x
+
+
 def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
     """The official sinusoidal position table: sines in the first half, cosines after."""
     half = dim // 2
@@ -217,7 +235,10 @@ class Attention(nn.Module):
         """Projected keys (rotated) and values, [B, H, T, dh] each."""
         k = self.split_heads(self.wk(x_kv))
         v = self.split_heads(self.wv(x_kv))
-        return (k if rope is None else apply_rotary(k, *rope)), v
+        if rope is None:
+            return k, v
+        rotate = apply_rotary_ if not (torch.is_grad_enabled() and k.requires_grad) else apply_rotary
+        return rotate(k, *rope), v
 
     def attend(
         self,
@@ -278,6 +299,11 @@ class CrossAttend(nn.Module):
             # Generation: store these inputs' keys/values, attend to every cached one.
             k, v = cache.update(k, v)
         chunk = self.cfg.cross_attend_chunk_size
+        if chunk <= 0 and masks.cross is not None and not torch.is_grad_enabled():
+            # SDPA on CPU turns a boolean mask into a float copy four times its
+            # size (+512 MB for M = 1024, T = 131,072). Without autograd, query
+            # chunks cost no time and bound that copy to chunk x T.
+            chunk = INFERENCE_CROSS_ATTEND_CHUNK
         M = q.shape[2]
         if chunk <= 0 or chunk >= M:
             attn = self.attention.attend(q, k, v, masks.cross, uniform_rows=masks.uniform_rows)
