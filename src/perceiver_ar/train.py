@@ -558,6 +558,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "bits_per_token": last.get("bits_per_token"),
         "eval": last_eval,
         "seconds": train_seconds,
+        "rank": rt.rank,
     }
 
 

@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("train needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)")
         cfg = TrainConfig(**given, model=model)
     result = train(cfg)
+    if result["rank"] != 0:  # under torchrun, rank 0 reports
+        return 0
     ev = result.get("eval") or {}
     line = f"trained to step {result['step']} in {result['seconds']:.0f} s"
     if result["bits_per_token"] is not None:
