@@ -450,7 +450,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         nonlocal last_checkpoint
         last_checkpoint = step
         if rt.is_main:
-            state = {"seed": cfg.seed, "sampler": {"kind": cfg.sampler, "next_step": step}}
+            state = {
+                "seed": cfg.seed,
+                # Crops, dropout and the learning rate are functions of (seed, step):
+                # restoring the step restores them.
+                "sampler": {"kind": cfg.sampler, "next_step": step},
+                "rng": {"torch_seed": "SeedSequence([seed, step, rank]) at every step"},
+                "schedule": {"kind": cfg.schedule, "next_lr": lr_at(cfg, step)},
+            }
             save_checkpoint(run_dir, step, model, optimizer, state, cfg.keep_checkpoints)
             publish_model(model, run_dir)
 
