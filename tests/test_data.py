@@ -97,6 +97,15 @@ def test_default_corpus_is_the_38_plays(tmp_path):
     assert files[0].read_text(encoding="utf-8").startswith("# ")
 
 
+def test_prepare_the_default_corpus(tmp_path):
+    store = TokenStore(prepare_text(None, tmp_path / "shakespeare"))
+    assert store.meta["splits"]["train"]["num_docs"] == 34
+    assert store.meta["splits"]["validation"]["num_docs"] == 4
+    assert store.meta["num_bytes"]["train"] > 4_000_000
+    first = ByteTokenizer().decode(store.split("validation")[0][:40])
+    assert first.startswith("# ") and "\n" in first
+
+
 def test_positions_are_one_based_document_indices():
     assert positions_for_crop({"modality": "text"}, 40, 3).tolist() == [41, 42, 43]
     assert positions_for_crop({}, 0, 2).tolist() == [1, 2]

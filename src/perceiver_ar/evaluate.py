@@ -168,9 +168,11 @@ def unigram_log2p(train: Split, vocab_size: int) -> np.ndarray:
 
     Targets are every event but each document's first (SOS is never predicted).
     """
-    tokens = np.asarray(train.tokens)
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
-    counts -= np.bincount(tokens[train.offsets[:-1][train.lengths > 0]], minlength=vocab_size)
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    chunk = 1 << 24  # count a memory-mapped split piece by piece
+    for start in range(0, train.num_tokens, chunk):
+        counts += np.bincount(train.tokens[start : start + chunk], minlength=vocab_size)
+    counts -= np.bincount(train.tokens[train.offsets[:-1][train.lengths > 0]], minlength=vocab_size)
     return np.log2((counts + 1.0) / (counts.sum() + vocab_size))
 
 
