@@ -39,8 +39,15 @@ def test_prepare_train_resume_eval(tmp_path, capsys):
     result = json.loads(result_file.read_text())
     assert result["num_latents"] == 4 and result["protocol"] == "block" and result["bits_per_byte"] > 0
 
-    assert main(["eval", str(tmp_path / "run" / "model"), "--data", store, "--protocol", "stride1"]) == 0
-    assert "protocol stride1" in capsys.readouterr().out
+    model_dir = str(tmp_path / "run" / "model")
+    assert (
+        main(
+            ["eval", model_dir, "--data", store, "--protocol", "stride1", "--sample", "12", "--prompt", "The"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "protocol stride1" in out and "[The]" in out
 
 
 def test_resume_refuses_model_changes(tmp_path, capsys):

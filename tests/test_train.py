@@ -112,6 +112,13 @@ def test_grad_accumulation_equals_the_whole_batch(store, tmp_path):
     assert whole[3] != whole[1]  # it did train
 
 
+def test_stream_windows_train(store, tmp_path):
+    result = train(config(store, tmp_path / "stream", steps=3, sampler="stream", eval_every=0))
+    assert result["step"] == 3
+    records = [json.loads(ln) for ln in (tmp_path / "stream" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["targets"] for r in records if "targets" in r] == [4 * 8] * 3  # full windows: every latent
+
+
 def test_run_directory_guards(store, tmp_path):
     train(config(store, tmp_path / "run", steps=2))
     with pytest.raises(ValueError, match="already holds checkpoints"):
