@@ -81,3 +81,29 @@ def test_train_and_eval_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["prepare", "text", "--out", str(tmp_path / "s")]) == 2
     assert "--default" in capsys.readouterr().err
+
+
+def test_bpe_corpus_trains_and_reports_bits_per_byte(tmp_path, capsys):
+    make_corpus(tmp_path / "corpus")
+    store, run = str(tmp_path / "store"), str(tmp_path / "run")
+    prep = [
+        "prepare",
+        "text",
+        str(tmp_path / "corpus"),
+        "--out",
+        store,
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "300",
+    ]
+    assert main([*prep, "--validation-fraction", "0.3"]) == 0
+    assert "bpe tokenizer, V=300" in capsys.readouterr().out
+    assert main(["train", "--data", store, "--out", run, "--steps", "2", *TRAIN, *QUIET]) == 0
+    capsys.readouterr()
+    result_file = tmp_path / "eval.json"
+    assert main(["eval", run, "--data", store, "--json", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    # BPE tokens hold several bytes each: fewer bits per byte than per token.
+    assert result["num_bytes"] > 1.5 * result["num_tokens"]
+    assert result["bits_per_byte"] < result["bits_per_token"] / 1.5
