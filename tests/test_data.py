@@ -138,6 +138,24 @@ def test_random_crops_respect_minimum_length_and_documents(text_store):
         assert (positions[row, n - 1 :] == 0).all()
 
 
+def test_crop_weighting_by_length_or_by_document(text_store):
+    store, _ = text_store
+    split = store.split("train")
+    lengths = split.lengths
+    by_length = np.concatenate([RandomCrops(split, 32, 8, seed=0).crops(s, 500)[:, 0] for s in range(8)])
+    by_doc = np.concatenate(
+        [RandomCrops(split, 32, 8, seed=0, per_document=True).crops(s, 500)[:, 0] for s in range(8)]
+    )
+    share_length = np.bincount(by_length, minlength=len(lengths)) / by_length.size
+    share_doc = np.bincount(by_doc, minlength=len(lengths)) / by_doc.size
+    expected = (lengths - 8) / (lengths - 8).sum()  # valid ends per document
+    assert np.abs(share_length - expected).max() < 0.03
+    assert np.abs(share_doc - 1 / len(lengths)).max() < 0.03
+    assert np.abs(expected - 1 / len(lengths)).max() > 0.06  # the two weightings do differ here
+    crops = RandomCrops(split, 32, 8, seed=0, per_document=True).crops(0, 200)
+    assert (crops[:, 2] <= lengths[crops[:, 0]]).all() and (crops[:, 2] - crops[:, 1] >= 9).all()
+
+
 def test_short_documents_give_whole_document_crops(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("ab")  # 4 events: SOS a b EOS

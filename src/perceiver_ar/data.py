@@ -246,15 +246,20 @@ class RandomCrops:
     M latents are trained whenever the document allows, and at most N + 1
     (N inputs plus the last target). Crops that end early in a document are
     shorter: short contexts are trained too. A crop end is drawn uniformly
-    over all valid ends of the split (documents weigh by their length).
+    over all valid ends of the split (documents weigh by their length), or,
+    with ``per_document``, a document is drawn first, each equally likely, as
+    the official tf.data pipeline (one crop per document per epoch) does.
     """
 
-    def __init__(self, split: Split, context_len: int, num_latents: int, seed: int):
+    def __init__(
+        self, split: Split, context_len: int, num_latents: int, seed: int, per_document: bool = False
+    ):
         lengths = split.lengths.astype(np.int64)
         if len(lengths) == 0:
             raise ValueError("cannot sample crops from a split with no documents")
         self.context_len = context_len
         self.seed = seed
+        self.per_document = per_document
         # Fewer than 2 events has nothing to predict.
         self.min_len = np.minimum(num_latents + 1, lengths)
         self.num_ends = np.where(lengths >= 2, lengths - np.maximum(self.min_len, 2) + 1, 0)
@@ -265,10 +270,15 @@ class RandomCrops:
     def crops(self, step: int, count: int) -> np.ndarray:
         """The ``count`` crops of global batch ``step`` ([count, 3]), the same on every rank."""
         rng = np.random.default_rng([self.seed, step])
-        u = rng.integers(0, self.cum_ends[-1], size=count)
-        doc = np.searchsorted(self.cum_ends, u, side="right")
-        before = self.cum_ends[doc] - self.num_ends[doc]
-        end = np.maximum(self.min_len[doc], 2) + (u - before)
+        if self.per_document:
+            docs = np.flatnonzero(self.num_ends > 0)
+            doc = docs[rng.integers(0, len(docs), size=count)]
+            offset = rng.integers(0, self.num_ends[doc])
+        else:
+            u = rng.integers(0, self.cum_ends[-1], size=count)
+            doc = np.searchsorted(self.cum_ends, u, side="right")
+            offset = u - (self.cum_ends[doc] - self.num_ends[doc])
+        end = np.maximum(self.min_len[doc], 2) + offset
         start = np.maximum(end - (self.context_len + 1), 0)
         return np.stack([doc, start, end], axis=1)
 
@@ -309,9 +319,11 @@ class StreamWindows:
 def make_sampler(
     kind: str, split: Split, context_len: int, num_latents: int, seed: int
 ) -> RandomCrops | StreamWindows:
-    """``"crops"`` (official random crops) or ``"stream"`` (fixed windows)."""
-    if kind == "crops":
-        return RandomCrops(split, context_len, num_latents, seed)
+    """``"crops"`` (random crops, every valid crop end equally likely), ``"document-crops"``
+    (every document equally likely, then a random end: the official weighting) or
+    ``"stream"`` (fixed windows)."""
+    if kind in ("crops", "document-crops"):
+        return RandomCrops(split, context_len, num_latents, seed, per_document=kind == "document-crops")
     if kind == "stream":
         return StreamWindows(split, context_len, seed)
-    raise ValueError(f"unknown sampler {kind!r}: choose 'crops' or 'stream'")
+    raise ValueError(f"unknown sampler {kind!r}: choose 'crops', 'document-crops' or 'stream'")

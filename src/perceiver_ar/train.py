@@ -71,7 +71,7 @@ class TrainConfig:
     stop_at: int = 0  # end this session at this step, checkpointed, as if interrupted (0: at `steps`)
     batch_size: int = 16  # rows per optimizer step, over all ranks and accumulation micro-steps
     grad_accum: int = 1  # micro-steps per optimizer step (each rank)
-    sampler: str = "crops"  # "crops" (official random crops) or "stream" (fixed windows)
+    sampler: str = "crops"  # "crops", "document-crops" (official weighting) or "stream" (fixed windows)
     optimizer: str = "adamw"  # "adamw", "adam" or "sgd"
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -23,7 +23,9 @@ HELP = {
     "stop_at": "end this session at this step with a checkpoint, as if interrupted; resume later",
     "batch_size": "rows per optimizer step, over all processes and accumulation micro-steps",
     "grad_accum": "gradient accumulation micro-steps per optimizer step",
-    "sampler": "crops: the official random crops of documents; stream: fixed windows over all documents",
+    "sampler": "crops: random crops ending anywhere in the split (documents weigh by length); "
+    "document-crops: each document equally likely, then a random crop (the official weighting); "
+    "stream: fixed windows over all documents",
     "optimizer": "adamw, adam or sgd",
     "lr": "peak learning rate",
     "min_lr_ratio": "the cosine schedule ends at lr x this",
