@@ -57,4 +57,6 @@ def run(args: argparse.Namespace) -> int:
         f"{name} {s['num_docs']} documents / {s['num_tokens']:,} tokens" for name, s in meta["splits"].items()
     ]
     print(f"wrote {out}: {meta['tokenizer']['type']} tokenizer, V={meta['vocab_size']}; " + "; ".join(parts))
+    if "validation" not in meta["splits"]:
+        print("note: no validation split (documents are split whole: give at least 2 files to hold one out)")
     return 0
