@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_ar import PerceiverAR, PerceiverARConfig, perceiver_ar_loss
+from perceiver_ar import PerceiverAR, PerceiverARConfig, perceiver_ar_loss, shift_events
 from perceiver_ar.data import (
     RandomCrops,
     StreamWindows,
     crops_to_batch,
     default_corpus_files,
-    events_to_inputs_and_targets,
     positions_for_crop,
     prepare_text,
     targets_per_row,
@@ -172,7 +171,7 @@ def test_targets_per_row_is_what_the_loss_counts(text_store):
     crops = RandomCrops(split, 48, 12, seed=0).crops(0, 24)
     crops[:4, 2] = crops[:4, 1] + np.array([2, 3, 7, 13])  # some rows shorter than M + 1
     events, positions = crops_to_batch(split, store.meta, crops, 48)
-    inputs, targets = events_to_inputs_and_targets(torch.from_numpy(events))
+    inputs, targets = shift_events(torch.from_numpy(events))
     out = model(inputs, torch.from_numpy(positions))
     loss = perceiver_ar_loss(out.logits, targets, out.latent_index)
     assert int(loss.num_tokens) == int(targets_per_row(crops, 12).sum())
@@ -182,9 +181,7 @@ def test_targets_per_row_is_what_the_loss_counts(text_store):
 def test_inputs_and_targets_match_the_official_shift(golden_dir):
     golden = np.load(golden_dir / "golden_A_rotary.npz")
     for case in ("full", "padded", "short", "edge"):
-        inputs, targets = events_to_inputs_and_targets(
-            torch.from_numpy(golden[f"{case}/events"].astype(np.int64))
-        )
+        inputs, targets = shift_events(torch.from_numpy(golden[f"{case}/events"].astype(np.int64)))
         assert np.array_equal(inputs.numpy(), golden[f"{case}/inputs"])
         assert np.array_equal(targets.numpy(), golden[f"{case}/targets"])
 

@@ -98,3 +98,13 @@ def test_convert_from_npz_files_and_cli(tmp_path):
         )
     np.testing.assert_allclose(out.logits.numpy(), data["full/logits"], atol=1e-4)
     assert len(load_official_npz(npz)) == len(model.state_dict())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shift_events_matches_the_official_inputs_and_targets(case):
+    from perceiver_ar import shift_events
+
+    data = np.load(GOLDEN_DIR / "golden_A_rotary.npz")
+    inputs, targets = shift_events(torch.from_numpy(data[f"{case}/events"]).long())
+    np.testing.assert_array_equal(inputs.numpy(), data[f"{case}/inputs"])
+    np.testing.assert_array_equal(targets.numpy(), data[f"{case}/targets"])

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .loss import shift_events
 from .model import PAD_ID
 from .store import Split, StoreWriter
 from .tokenizer import encode_document, make_tokenizer
@@ -215,18 +213,6 @@ def crops_to_batch(
             positions = np.zeros((B, context_len, *pos.shape[1:]), dtype=np.int64)
         positions[row, : n - 1] = pos
     return events, positions
-
-
-def events_to_inputs_and_targets(events: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model inputs [B, T] and targets [B, T] from right-padded events [B, T+1], as the official code.
-
-    The official ``events_to_shifted_inputs_and_targets``: inputs are the
-    events with each row's last valid event zeroed, minus the last column;
-    targets are the unmodified events shifted by one, so every valid input
-    has a target (the golden files hold exactly these).
-    """
-    inputs, _ = shift_events(events)
-    return inputs, events[:, 1:]
 
 
 def targets_per_row(crops: np.ndarray, num_latents: int) -> np.ndarray:

@@ -79,14 +79,13 @@ def perceiver_ar_loss(
 def shift_events(events: Tensor) -> tuple[Tensor, Tensor]:
     """Inputs and targets from a right-padded event batch [B, T+1], as the official code.
 
-    The last valid event of each row is replaced by PAD (it has no successor),
-    then inputs = events[:, :-1] and targets = events[:, 1:].
+    inputs: the events with each row's last valid event replaced by PAD (it
+    has no successor to predict), then ``[:, :-1]``; targets: the unmodified
+    ``events[:, 1:]``.
     """
-    events = events.clone()
+    truncated = events.clone()
     B, T1 = events.shape
-    is_pad = events == PAD_ID
     idx = torch.arange(T1, device=events.device)
-    lengths = torch.where(is_pad, idx, torch.full_like(events, T1)).min(dim=1).values
-    last = (lengths - 1).clamp(min=0)
-    events[torch.arange(B, device=events.device), last] = PAD_ID
-    return events[:, :-1], events[:, 1:]
+    lengths = torch.where(events == PAD_ID, idx, torch.full_like(events, T1)).min(dim=1).values
+    truncated[torch.arange(B, device=events.device), (lengths - 1).clamp(min=0)] = PAD_ID
+    return truncated[:, :-1], events[:, 1:]

@@ -45,9 +45,9 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_model, save_model
 from .config import PerceiverARConfig
-from .data import crops_to_batch, events_to_inputs_and_targets, make_sampler, max_position, targets_per_row
+from .data import crops_to_batch, make_sampler, max_position, targets_per_row
 from .evaluate import evaluate, unigram_log2p
-from .loss import perceiver_ar_loss
+from .loss import perceiver_ar_loss, shift_events
 from .model import PerceiverAR
 from .store import TokenStore
 
@@ -487,7 +487,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 local[micro * micro_batch : (micro + 1) * micro_batch],
                 model_cfg.context_len,
             )
-            inputs, targets = events_to_inputs_and_targets(torch.from_numpy(events).to(rt.device))
+            inputs, targets = shift_events(torch.from_numpy(events).to(rt.device))
             positions = torch.from_numpy(positions).to(rt.device)
             # Only the last micro-step syncs gradients across ranks.
             sync = micro == cfg.grad_accum - 1 or rt.world_size == 1
