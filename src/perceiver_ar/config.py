@@ -185,10 +185,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         latent_heads=4,
     ),
     "demo": dict(
-        context_len=512,
+        context_len=256,
         num_latents=128,
-        input_dim=192,
-        latent_dim=192,
+        input_dim=128,
+        latent_dim=128,
         num_latent_layers=4,
         cross_attend_heads=4,
         latent_heads=4,
