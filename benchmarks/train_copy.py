@@ -46,6 +46,7 @@ def copy_model_config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="a named model preset (its context_len is N)")
     p.add_argument("--length", type=int, default=1024, help="events per copy sequence N")
     p.add_argument("--latents", type=int, default=0, help="M (default h + 1: the mirrored half)")
     p.add_argument("--width", type=int, default=128, help="E = D")
@@ -89,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = PerceiverARConfig(**copy_model_config(args))
+    if args.preset and not args.quick:
+        cfg = PerceiverARConfig.from_preset(args.preset)
+        args.length = cfg.context_len
+    else:
+        cfg = PerceiverARConfig(**copy_model_config(args))
     model = PerceiverAR(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng([args.seed, args.length, 1])

@@ -110,6 +110,29 @@ def test_inference_forward_equals_training_forward(position_encoding):
         torch.testing.assert_close(with_grad, without, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_prefix_causal_attention_equals_band_mask(M):
+    # The mask-free full-row cross-attend (benchmarks/proposed_model_changes.patch).
+    from perceiver_ar import model as model_module
+
+    if not hasattr(model_module, "PrefixCausalAttention"):
+        pytest.skip("PrefixCausalAttention is not in the model yet")
+    T = 40
+    g = torch.Generator().manual_seed(M)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, requires_grad=True) for n in (M, T, T))
+    band = (torch.arange(T)[None, :] <= torch.arange(T - M, T)[:, None])[None, None]
+    grad = torch.randn(2, 3, M, 8, generator=g)
+    results = []
+    for fn in (
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band),
+        lambda: model_module.PrefixCausalAttention.apply(q, k, v),
+    ):
+        out = fn()
+        results.append((out.detach(), *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_checkpointing_leaves_gradients_unchanged(dropout):
     inputs, targets = padded_batch()
