@@ -287,7 +287,7 @@ def render_audio(
     split = store.split("test" if "test" in store.split_names else store.split_names[-1])
     doc = np.asarray(split[0])
     n_prompt, n_new = int(prompt_seconds * rate), int(new_seconds * rate)
-    n_prompt = min(n_prompt, model.config.context_len)
+    # A prompt longer than N is fine: the sampler sees its last N samples.
     start = min(int(offset_seconds * rate), max(1, len(doc) - n_prompt - 1))
     prompt = np.repeat(doc[start : start + n_prompt][None], num_samples, axis=0)
     t0 = time.perf_counter()
@@ -304,7 +304,7 @@ def render_audio(
                 wav,
                 rate,
                 out_dir / f"continuation_{n}.png",
-                title=f"{prompt_seconds:g} s of a test file, then {new_seconds:g} s generated after the line",
+                title=f"{n_prompt / rate:g} s of a test file, then {n_new / rate:g} s generated",
                 split_at=n_prompt / rate,
             )
         )
