@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--with-ports", action="store_true", help="in --quick mode, run the ports too")
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument(
+        "--extra-src",
+        default=None,
+        metavar="LABEL=DIR",
+        help="also measure this library from another source tree, e.g. 'patched=/tmp/tree/src'",
+    )
     args = p.parse_args(argv)
     sizes = [SIZES[i] for i in args.sizes] if args.sizes else SIZES
     impls = dict(IMPLS)
@@ -199,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.repeats = 1, 1
         if not args.with_ports:
             impls = {k: v for k, v in impls.items() if v == "ours"}
+    sources = {}
+    if args.extra_src:
+        label, _, src_dir = args.extra_src.partition("=")
+        impls[f"perceiver-ar ({label})"] = "ours"
+        sources[f"perceiver-ar ({label})"] = str(Path(src_dir).resolve())
     ports_ready = Path(PORTS_PYTHON).exists()
     if not ports_ready:
         missing = [k for k, v in impls.items() if v != "ours"]
@@ -218,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                 impl = impls[name]
                 python = sys.executable if impl == "ours" else str(PORTS_PYTHON)
                 case = {"impl": impl, "size": s, "repeats": args.repeats, "threads": args.threads}
-                inline = run_one if (args.quick and impl == "ours") else None
-                res = run_case(__file__, case, python=python, timeout=args.timeout, inline=inline)
+                inline = run_one if (args.quick and impl == "ours" and name not in sources) else None
+                res = run_case(
+                    __file__, case, python=python, timeout=args.timeout, inline=inline, src=sources.get(name)
+                )
                 results[name].append(res)
                 msg = res.get("error") or (
                     f"{res['tokens_per_s']:.0f} tok/s, step {res['step_s']:.2f} s, "
@@ -272,24 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     fig, axes = new_figure(ncols=3, figsize=(13, 4))
+    names = list(impls)
+    width = 0.8 / len(names)
     for ax, key, label in zip(
         axes,
         ("tokens_per_s", "forward_s", "peak_gb"),
-        ("training tokens/s", "forward latency (s)", "peak RSS (GB)"),
-        strict=False,
+        ("training tokens/s (higher is better)", "forward latency (s)", "peak RSS (GB)"),
+        strict=True,
     ):
-        for i, s in enumerate(sizes):
-            sel = [r for r in rows if r["N"] == s["N"] and key in r]
-            ax.bar(
-                [i + 0.27 * (j - 1) for j in range(len(sel))],
-                [r[key] for r in sel],
-                width=0.25,
-                color=[f"C{list(IMPLS).index(r['impl'])}" for r in sel],
-            )
+        for j, impl_name in enumerate(names):
+            pts = [
+                (i, r[key])
+                for i, s in enumerate(sizes)
+                for r in rows
+                if r["N"] == s["N"] and r["impl"] == impl_name and key in r
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.bar(
+                    [x + width * (j - (len(names) - 1) / 2) for x in xs],
+                    ys,
+                    width=width,
+                    color=f"C{j}",
+                    label=impl_name,
+                )
         ax.set_xticks(range(len(sizes)), [f"N={s['N']}\nM={s['M']} B={s['batch']}" for s in sizes])
         ax.set_title(label)
-    handles = [axes[0].bar([0], [0], color=f"C{i}", label=n) for i, n in enumerate(IMPLS) if n in impls]
-    del handles
     axes[0].legend(fontsize=8)
     save_figure(fig, name)
     return 0

@@ -77,6 +77,7 @@ def run_case(
     memory_limit_mb: float | None = None,
     extra_args: Sequence[str] = (),
     inline: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    src: str | None = None,
 ) -> dict[str, Any]:
     """Run ``python script --case JSON`` in a fresh process and return its report.
 
@@ -84,7 +85,9 @@ def run_case(
     (polled every 0.2 s, then killed) or times out comes back as
     ``{"error": ...}`` so the caller can say where a model stops fitting.
     ``inline`` runs the case in this process instead (``--quick`` smoke
-    tests: no torch start-up per case, memory numbers meaningless).
+    tests: no torch start-up per case, memory numbers meaningless). ``src``
+    puts another source tree of the library first on the path (for example
+    one with a proposed patch applied).
     """
     if inline is not None:
         result = inline(case)
@@ -92,7 +95,8 @@ def run_case(
         return result
     cmd = [python, str(script), *extra_args, "--case", json.dumps(case)]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
+    paths = (src or "", str(BENCH_DIR), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.monotonic()
     killed = None
