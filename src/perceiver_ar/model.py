@@ -78,6 +78,10 @@ class Masks:
     # Latents with no visible input; the official code gives them a uniform
     # softmax over all T inputs (scores filled with -1e30). [B, M] or None.
     uniform_rows: Tensor | None
+    # Every row is full: ``cross`` is the bottom-right band (all T - M prefix
+    # inputs, then a causal M x M square), so the cross-attend can run as two
+    # mask-free kernels (see ``PrefixCausalAttention``).
+    cross_band: bool = False
 
 
 def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None) -> Masks:
@@ -98,7 +102,7 @@ def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None)
         # mask is one bottom-right causal band shared by the batch, and the
         # latent layers are plainly causal.
         cross = (j[None, :] <= latent_index[:1, :, None]).unsqueeze(1)  # [1, 1, M, T]
-        return Masks(cross=cross, latent=None, latent_causal=True, uniform_rows=None)
+        return Masks(cross=cross, latent=None, latent_causal=True, uniform_rows=None, cross_band=True)
 
     cross = (j[None, None, :] <= latent_index[:, :, None]) & key_valid[:, None, :]
     if input_keep is not None:
@@ -134,6 +138,42 @@ def rotary_tables(positions: Tensor, rotary_dim: int, max_wavelength: float) -> 
     inv_freq = (1.0 / (float(max_wavelength) ** exponents)).to(torch.float32)
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+class PrefixCausalAttention(torch.autograd.Function):
+    """SDPA of M queries on T keys: all T - M prefix keys, then the last M causally.
+
+    Exactly ``softmax(q k^T + band mask) v`` for the full-row cross-attend,
+    without the [M, T] mask: SDPA on CPU converts a boolean mask into a float
+    copy four times its size in the forward and again in the backward, and
+    cannot skip masked blocks. Here two fused CPU flash kernels run (the prefix
+    unmasked, the last M keys with the square causal mask) and their outputs
+    merge by log-sum-exp. The backward of a key block needs only the merged
+    output and log-sum-exp, so it is exact too. q [B, H, M, dh], k and v
+    [B, H, T, dh] with T > M; CPU only.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        P = k.shape[2] - q.shape[2]  # prefix inputs visible to every latent
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_prefix, lse_prefix = flash(q, k[:, :, :P], v[:, :, :P], 0.0, False)
+        out_square, lse_square = flash(q, k[:, :, P:], v[:, :, P:], 0.0, True)
+        lse = torch.logaddexp(lse_prefix, lse_square)  # [B, H, M]
+        out = torch.exp(lse_prefix - lse)[..., None] * out_prefix
+        out.addcmul_(torch.exp(lse_square - lse)[..., None], out_square)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        P = k.shape[2] - q.shape[2]
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_out = grad_out.contiguous()
+        dq, dk_prefix, dv_prefix = backward(grad_out, q, k[:, :, :P], v[:, :, :P], out, lse, 0.0, False)
+        dq_square, dk_square, dv_square = backward(grad_out, q, k[:, :, P:], v[:, :, P:], out, lse, 0.0, True)
+        return dq + dq_square, torch.cat((dk_prefix, dk_square), 2), torch.cat((dv_prefix, dv_square), 2)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -299,12 +339,17 @@ class CrossAttend(nn.Module):
             # Generation: store these inputs' keys/values, attend to every cached one.
             k, v = cache.update(k, v)
         chunk = self.cfg.cross_attend_chunk_size
+        M, T = q.shape[2], k.shape[2]
+        if masks.cross_band and cache is None and T > M and q.device.type == "cpu":
+            # Full rows on CPU: two mask-free kernels, exact, less time and memory.
+            out = PrefixCausalAttention.apply(q, k, v)  # [B, H, M, E/H]
+            z = z0 + self.dropout(self.attention.wo(out.transpose(1, 2).flatten(2)))
+            return z + self.feed_forward(self.ffn_norm(z))
         if chunk <= 0 and masks.cross is not None and not torch.is_grad_enabled():
             # SDPA on CPU turns a boolean mask into a float copy four times its
             # size (+512 MB for M = 1024, T = 131,072). Without autograd, query
             # chunks cost no time and bound that copy to chunk x T.
             chunk = INFERENCE_CROSS_ATTEND_CHUNK
-        M = q.shape[2]
         if chunk <= 0 or chunk >= M:
             attn = self.attention.attend(q, k, v, masks.cross, uniform_rows=masks.uniform_rows)
         else:
@@ -639,4 +684,10 @@ def with_latent_dropout(masks: Masks, latent_index: Tensor, rate: float) -> Mask
     keep = torch.rand(B, M, device=latent_index.device) >= rate
     eye = torch.eye(M, dtype=torch.bool, device=latent_index.device)
     latent = (latent & keep[:, None, None, :]) | eye
-    return Masks(cross=masks.cross, latent=latent, latent_causal=False, uniform_rows=masks.uniform_rows)
+    return Masks(
+        cross=masks.cross,
+        latent=latent,
+        latent_causal=False,
+        uniform_rows=masks.uniform_rows,
+        cross_band=masks.cross_band,
+    )
