@@ -60,6 +60,19 @@ def test_image_training_with_per_axis_positions_scores_and_renders(tmp_path):
     comp = np.asarray(PIL.open(out["files"]["completions"]))
     assert comp.shape[0] > samples.shape[0]  # two rows: originals and completions
     assert json.loads((tmp_path / "render" / "render.json").read_text())["modality"] == "image"
+    # The same through the command, from the run directory.
+    import argparse
+
+    from perceiver_ar.commands import render as render_command
+
+    parser = argparse.ArgumentParser()
+    render_command.register(parser.add_subparsers(required=True))
+    argv = ["render", str(tmp_path / "run"), "--data", str(store_dir), "--out", str(tmp_path / "cli")]
+    args = parser.parse_args([*argv, "--num-samples", "2"])
+    assert args.func(args) == 0
+    scored = json.loads((tmp_path / "cli" / "score.json").read_text())
+    assert scored["bits_per_dim"] == pytest.approx(result["bits_per_dim"], abs=1e-5)
+    assert (tmp_path / "cli" / "samples.png").is_file()
 
 
 def test_uncached_image_sampler_keeps_prompt_and_allowed_ids():

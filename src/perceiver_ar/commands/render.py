@@ -58,3 +58,12 @@ def run(args: argparse.Namespace) -> int:
         for name in out["files"].values():
             print(f"wrote {name}")
     return 0
+
+
+if __name__ == "__main__":  # python -m perceiver_ar.commands.render MODEL --data DIR --out DIR
+    import sys
+
+    parser = argparse.ArgumentParser(prog="perceiver-ar")
+    register(parser.add_subparsers(required=True))
+    parsed = parser.parse_args(["render", *sys.argv[1:]])
+    sys.exit(parsed.func(parsed))

@@ -253,7 +253,7 @@ def save_spectrogram(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
-    nfft = 256 if rate <= 16000 else 1024
+    nfft = min(256 if rate <= 16000 else 1024, max(16, len(samples) // 4))  # short clips: shorter frames
     ax.specgram(
         np.asarray(samples, dtype=np.float64) + 1e-9, NFFT=nfft, Fs=rate, noverlap=nfft // 2, cmap="magma"
     )
