@@ -26,6 +26,12 @@ class BadInputFile(ValueError):
     """An input file that cannot be read; the message names the file."""
 
 
+def describe(error: BaseException) -> str:
+    """``TypeName: message`` of an exception, without a dangling colon when it has no message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def handle_bad_file(path: object, reason: str, on_error: str) -> None:
     """Stop with a clear error naming ``path``, or warn and let the caller skip it."""
     if on_error not in ON_ERROR_CHOICES:

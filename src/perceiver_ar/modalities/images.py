@@ -29,7 +29,7 @@ import numpy as np
 
 from ..model import SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, handle_bad_file, split_keys
+from . import assign_splits, describe, handle_bad_file, split_keys
 
 VOCAB_SIZE = 256 + TOKEN_OFFSET
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -374,7 +374,7 @@ def prepare_images(
         try:
             images = read_image_file(f, size, channels, fit)
         except Exception as e:  # PIL raises many kinds for broken files
-            handle_bad_file(f, f"not a readable image ({type(e).__name__}: {e})", on_error)
+            handle_bad_file(f, f"not a readable image ({describe(e)})", on_error)
             continue
         for img in images:
             writer.add(split, image_to_tokens(img))

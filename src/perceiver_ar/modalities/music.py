@@ -31,7 +31,7 @@ import numpy as np
 
 from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, handle_bad_file, split_keys
+from . import assign_splits, describe, handle_bad_file, split_keys
 
 NUM_PITCHES = 128
 NUM_TIME_SHIFTS = 100
@@ -306,7 +306,7 @@ def music21_midi_files(
             try:
                 data = render_score_to_midi(score)
             except Exception as e:  # music21 raises many kinds on odd scores
-                handle_bad_file(score, f"music21 could not render it ({type(e).__name__}: {e})", on_error)
+                handle_bad_file(score, f"music21 could not render it ({describe(e)})", on_error)
                 data = None
             if bar is not None:
                 bar.update(1)
@@ -384,7 +384,7 @@ def prepare_music(
         try:
             tokens = midi_to_tokens(f)
         except Exception as e:  # mido raises OSError, EOFError, ValueError, ... on broken files
-            handle_bad_file(f, f"not a readable MIDI file ({type(e).__name__}: {e})", on_error)
+            handle_bad_file(f, f"not a readable MIDI file ({describe(e)})", on_error)
             continue
         if tokens.size <= 2:
             handle_bad_file(f, "holds no notes", on_error)
