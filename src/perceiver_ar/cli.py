@@ -13,7 +13,7 @@ import os
 import sys
 
 # Modules under perceiver_ar.commands, in the order --help lists them.
-COMMANDS = ["convert", "prepare", "train", "eval", "generate"]
+COMMANDS = ["convert", "prepare", "train", "eval", "generate", "render"]
 
 
 def build_parser() -> argparse.ArgumentParser:

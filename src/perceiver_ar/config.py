@@ -213,6 +213,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         latent_heads=16,
         cross_attend_dropout=0.5,
     ),
+    # Modalities (docs/modalities.md), sized for minutes of training on 2 CPU
+    # cores. Fashion-MNIST: 28x28 grey images are 784 subpixels plus SOS.
+    "image-fmnist": dict(
+        context_len=785,
+        num_latents=128,
+        input_dim=128,
+        latent_dim=128,
+        num_latent_layers=4,
+        cross_attend_heads=4,
+        latent_heads=4,
+        position_encoding="absolute",
+    ),
+    "music": dict(
+        context_len=1024,
+        num_latents=128,
+        input_dim=128,
+        latent_dim=128,
+        num_latent_layers=4,
+        cross_attend_heads=4,
+        latent_heads=4,
+    ),
+    "audio": dict(
+        context_len=2048,
+        num_latents=256,
+        input_dim=128,
+        latent_dim=128,
+        num_latent_layers=4,
+        cross_attend_heads=4,
+        latent_heads=4,
+    ),
     # The official copy-task config: 131,072 inputs, 1024 latents.
     "copy-131k": dict(
         context_len=131072,
