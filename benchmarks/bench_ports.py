@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row.update(
                     tokens_per_s=median([x["tokens_per_s"] for x in ok]),
+                    # Other jobs on a shared machine only ever add time: the fastest
+                    # step of all rounds estimates what the code itself costs.
+                    best_tokens_per_s=s["batch"] * s["N"] / min(t for x in ok for t in x["step_times"]),
                     step_s=median([x["step_s"] for x in ok]),
                     forward_s=median([x["forward_s"] for x in ok]),
                     peak_gb=median([x["peak_rss_mb"] for x in ok]) / 1024,
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows[-len(results) :]:
             if "tokens_per_s" in row and "tokens_per_s" in ours:
                 row["ours_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
+                row["ours_best_speedup"] = ours["best_tokens_per_s"] / row["best_tokens_per_s"]
 
     info = machine_info(args.threads)
     cols = [
@@ -267,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         ("batch", "B", ""),
         ("params", "params", ","),
         ("tokens_per_s", "train tokens/s", ".0f"),
+        ("best_tokens_per_s", "best tokens/s", ".0f"),
         ("step_s", "s/step", ".2f"),
         ("forward_s", "forward s", ".3f"),
         ("peak_gb", "peak RSS GB", ".2f"),
-        ("ours_speedup", "this lib's speed-up", ".2f"),
+        ("ours_speedup", "this lib's speed-up (medians)", ".2f"),
+        ("ours_best_speedup", "(best)", ".2f"),
         ("note", "note", ""),
     ]
     print(
