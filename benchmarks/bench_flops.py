@@ -1,12 +1,13 @@
 """CPU efficiency: achieved FLOP/s of a training step against a measured fp32 matmul peak.
 
 FLOPs are counted analytically (``training_flops``): every matmul of the
-forward pass at 2 FLOPs per multiply-add, attention scores and weighted sums
-over the full rectangle the kernel computes (the causal masks hide about half
-of the cross-attend band and of each latent square, but a masked SDPA still
-computes it), and the usual 2x forward for the backward pass. The peak is the
-median rate of a square fp32 ``torch.mm`` on the same threads, measured in
-its own process before and after the model cases.
+forward pass at 2 FLOPs per multiply-add; attention scores and weighted sums
+over what the causal kernels compute: a latent reads all T - M prefix inputs
+and, causally, half of the M x M square on average (flash kernels skip the
+blocks above the diagonal), and each latent layer half of its M x M square;
+the backward counts as 2x the forward. The peak is the median rate of a
+square fp32 ``torch.mm`` on the same threads, measured in its own process
+before and after the model cases.
 
     python benchmarks/bench_flops.py            # a few minutes
     python benchmarks/bench_flops.py --quick    # seconds, smoke test
@@ -43,10 +44,11 @@ def forward_flops(cfg: dict, n: int, m: int, batch: int) -> dict[str, float]:
         "latent_init": 2 * m * E * D,
         "cross_qo": 2 * m * D * E + 2 * m * E * D,
         "cross_kv": 2 * 2 * n * E * E,
-        "cross_attention": 2 * 2 * m * n * E,  # scores q.k and the weighted sum of v
+        # scores q.k and the weighted sum of v: the prefix whole, the square half
+        "cross_attention": 2 * 2 * m * ((n - m) + m / 2) * E,
         "cross_mlp": 2 * 2 * m * D * wc * D,
         "latent_proj": L * 4 * 2 * m * D * D,
-        "latent_attention": L * 2 * 2 * m * m * D,
+        "latent_attention": L * 2 * 2 * (m * m / 2) * D,
         "latent_mlp": L * 2 * 2 * m * D * wl * D,
         "logits": 2 * m * D * V,
     }
