@@ -63,3 +63,12 @@ def test_config_and_weights_that_do_not_match(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="missing tensors"):
         PerceiverAR.from_pretrained(str(tmp_path / "m"))
+
+
+def test_a_training_run_directory_loads_its_published_model(tmp_path):
+    model = tiny()
+    model.save_pretrained(str(tmp_path / "run" / "model"))
+    loaded = PerceiverAR.from_pretrained(str(tmp_path / "run")).eval()
+    x = torch.randint(3, 259, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)

@@ -44,9 +44,20 @@ def save_model(model: PerceiverAR, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A training run directory means its published ``model/``; anything else is taken as is."""
+    p = Path(path)
+    if not (p / CONFIG_NAME).is_file() and (p / "model" / CONFIG_NAME).is_file():
+        return p / "model"
+    return p
+
+
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> PerceiverAR:
-    """Rebuild a model from ``directory``; a missing, corrupt or mismatched file is a clear error."""
-    directory = Path(directory)
+    """Rebuild a model from a model directory (or a training run's ``model/``).
+
+    A missing, corrupt or mismatched file is a clear error.
+    """
+    directory = resolve_model_dir(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

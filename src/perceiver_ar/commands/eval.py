@@ -37,16 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_model_dir(path: str) -> Path:
-    """A run directory means its published ``model/``; anything else must be a model directory."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    return p
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -55,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from ..store import TokenStore
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = PerceiverAR.from_pretrained(str(resolve_model_dir(args.model)), map_location=device)
+    if not Path(args.model).exists():
+        raise FileNotFoundError(f"{args.model} does not exist")
+    model = PerceiverAR.from_pretrained(args.model, map_location=device)
     autocast = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
     result = evaluate_store(
         model,

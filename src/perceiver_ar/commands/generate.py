@@ -154,6 +154,7 @@ def _stop_ids(tokenizer, stops: list[str], ignore_eos: bool) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..checkpoint import resolve_model_dir
     from ..generate import generate_stream
     from ..model import SOS_ID, PerceiverAR
 
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
-    model_dir = Path(args.model)
+    model_dir = resolve_model_dir(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = PerceiverAR.from_pretrained(str(model_dir), map_location=device).eval()
     tokenizer = load_tokenizer(model_dir, args.tokenizer, model.config.vocab_size)
