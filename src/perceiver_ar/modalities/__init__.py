@@ -16,7 +16,9 @@ and the deterministic split of named items into train/valid/test.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+from pathlib import Path
 
 ON_ERROR_CHOICES = ("stop", "skip")
 SPLITS = ("train", "validation", "test")
@@ -78,3 +80,21 @@ def assign_splits(names: list[str], validation_fraction: float, test_fraction: f
     for i, name in enumerate(ranked):
         splits[name] = "test" if i < n_test else "validation" if i < n_test + n_validation else "train"
     return splits
+
+
+def find_files(paths: list[str | os.PathLike], suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """Files named directly, plus those with one of ``suffixes`` under folders (recursively), sorted.
+
+    A path that does not exist, or finding nothing at all, is an error naming ``what`` was sought.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in suffixes)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    if not found:
+        raise ValueError(f"no {what} under {', '.join(map(str, paths))}")
+    return found

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, handle_bad_file, split_keys
+from . import assign_splits, find_files, handle_bad_file, split_keys
 
 MU = 255
 LEVELS = MU + 1
@@ -141,20 +141,6 @@ def tokens_to_wav(tokens: np.ndarray | list[int], path: str | os.PathLike, rate:
 # ----------------------------------------------------------------------------
 
 
-def find_wav_files(paths: list[str | os.PathLike]) -> list[Path]:
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in WAV_SUFFIXES)
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    if not found:
-        raise ValueError(f"no WAV files under {', '.join(map(str, paths))}")
-    return found
-
-
 def asterisk_files() -> dict[str, list[Path]]:
     """The asterisk music-on-hold WAV files, split into train and test by file."""
     files = sorted(ASTERISK_DIR.glob("*.wav")) if ASTERISK_DIR.is_dir() else []
@@ -203,7 +189,7 @@ def prepare_audio(
     else:
         if not paths:
             raise ValueError("give WAV files or folders, or --default for the asterisk music")
-        files = find_wav_files(list(paths))
+        files = find_files(list(paths), WAV_SUFFIXES, "WAV files")
         keys = split_keys(files)
         splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
         plan = [(f, splits[keys[f]]) for f in files]

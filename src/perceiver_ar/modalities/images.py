@@ -29,7 +29,7 @@ import numpy as np
 
 from ..model import SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, describe, handle_bad_file, split_keys
+from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 
 VOCAB_SIZE = 256 + TOKEN_OFFSET
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -192,25 +192,6 @@ def read_image_file(path: Path, size: tuple[int, int], channels: int, fit: str) 
         return [fit_image(img, size, channels, fit)]
 
 
-def find_image_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """Image and array files under the given files or folders, sorted."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES
-            )
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    if not found:
-        raise ValueError(f"no image files (PNG, JPEG, .npy, .npz) under {', '.join(map(str, paths))}")
-    return found
-
-
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not, as a numpy array."""
     path = Path(path)
@@ -361,7 +342,7 @@ def prepare_images(
     if size is None:
         raise ValueError("--size is required for image folders (for example --size 32 or --size 32x48)")
     channels = channels or 3
-    files = find_image_files(list(paths))
+    files = find_files(list(paths), IMAGE_SUFFIXES + ARRAY_SUFFIXES, "image files (PNG, JPEG, .npy, .npz)")
     keys = split_keys(files)
     splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
     shape = (size[0], size[1], channels)

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
-from . import assign_splits, describe, handle_bad_file, split_keys
+from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 
 NUM_PITCHES = 128
 NUM_TIME_SHIFTS = 100
@@ -242,20 +242,6 @@ def quantize_notes(notes: list[Note]) -> list[Note]:
 # ----------------------------------------------------------------------------
 
 
-def find_midi_files(paths: list[str | os.PathLike]) -> list[Path]:
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in MIDI_SUFFIXES)
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    if not found:
-        raise ValueError(f"no MIDI files (.mid, .midi) under {', '.join(map(str, paths))}")
-    return found
-
-
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
     return Path(base) / "perceiver-ar" / "music21"
@@ -372,7 +358,7 @@ def prepare_music(
     else:
         if not paths:
             raise ValueError("give MIDI files or folders, or --corpus bach")
-        files = find_midi_files(list(paths))
+        files = find_files(list(paths), MIDI_SUFFIXES, "MIDI files (.mid, .midi)")
         if limit is not None:
             files = files[:limit]
         source = "files"
