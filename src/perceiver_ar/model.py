@@ -99,10 +99,10 @@ def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None)
     j = torch.arange(T, device=inputs.device)
     if fast:
         # Every row is full: latents sit on T-M..T-1 in every row, the cross
-        # mask is one bottom-right causal band shared by the batch, and the
-        # latent layers are plainly causal.
-        cross = (j[None, :] <= latent_index[:1, :, None]).unsqueeze(1)  # [1, 1, M, T]
-        return Masks(cross=cross, latent=None, latent_causal=True, uniform_rows=None, cross_band=True)
+        # mask is one bottom-right causal band shared by the batch (built by
+        # the cross-attend only if its kernel needs it: ``band_mask``), and
+        # the latent layers are plainly causal.
+        return Masks(cross=None, latent=None, latent_causal=True, uniform_rows=None, cross_band=True)
 
     cross = (j[None, None, :] <= latent_index[:, :, None]) & key_valid[:, None, :]
     if input_keep is not None:
@@ -124,6 +124,13 @@ def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None)
         latent_causal=False,
         uniform_rows=uniform_rows,
     )
+
+
+def band_mask(num_latents: int, num_inputs: int, device: torch.device) -> Tensor:
+    """The cross mask of full rows: latent m (on input T-M+m) sees inputs 0..T-M+m. [1, 1, M, T]."""
+    j = torch.arange(num_inputs, device=device)
+    last = torch.arange(num_inputs - num_latents, num_inputs, device=device)
+    return (j[None, :] <= last[:, None])[None, None]
 
 
 def rotary_tables(positions: Tensor, rotary_dim: int, max_wavelength: float) -> tuple[Tensor, Tensor]:
@@ -340,25 +347,28 @@ class CrossAttend(nn.Module):
             k, v = cache.update(k, v)
         chunk = self.cfg.cross_attend_chunk_size
         M, T = q.shape[2], k.shape[2]
-        if masks.cross_band and cache is None and T > M and q.device.type == "cpu":
-            # Full rows on CPU: two mask-free kernels, exact, less time and memory.
-            out = PrefixCausalAttention.apply(q, k, v)  # [B, H, M, E/H]
-            z = z0 + self.dropout(self.attention.wo(out.transpose(1, 2).flatten(2)))
-            return z + self.feed_forward(self.ffn_norm(z))
-        if chunk <= 0 and masks.cross is not None and not torch.is_grad_enabled():
+        cross_mask = masks.cross
+        if masks.cross_band:
+            if cache is None and T > M and q.device.type == "cpu":
+                # Full rows on CPU: two mask-free kernels, exact, less time and memory.
+                out = PrefixCausalAttention.apply(q, k, v)  # [B, H, M, E/H]
+                z = z0 + self.dropout(self.attention.wo(out.transpose(1, 2).flatten(2)))
+                return z + self.feed_forward(self.ffn_norm(z))
+            cross_mask = band_mask(M, T, q.device)
+        if chunk <= 0 and cross_mask is not None and not torch.is_grad_enabled():
             # SDPA on CPU turns a boolean mask into a float copy four times its
             # size (+512 MB for M = 1024, T = 131,072). Without autograd, query
             # chunks cost no time and bound that copy to chunk x T.
             chunk = INFERENCE_CROSS_ATTEND_CHUNK
         if chunk <= 0 or chunk >= M:
-            attn = self.attention.attend(q, k, v, masks.cross, uniform_rows=masks.uniform_rows)
+            attn = self.attention.attend(q, k, v, cross_mask, uniform_rows=masks.uniform_rows)
         else:
             # Query chunks bound the memory of the mask and the kernel's
             # workspace to chunk x T per head.
             pieces = []
             for start in range(0, M, chunk):
                 sl = slice(start, start + chunk)
-                mask = None if masks.cross is None else masks.cross[:, :, sl]
+                mask = None if cross_mask is None else cross_mask[:, :, sl]
                 rows = None if masks.uniform_rows is None else masks.uniform_rows[:, sl]
                 pieces.append(self.attention.attend(q[:, :, sl], k, v, mask, uniform_rows=rows))
             attn = torch.cat(pieces, dim=1)
