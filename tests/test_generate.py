@@ -8,29 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_ar import PerceiverAR, PerceiverARConfig, from_official, generate, generate_stream
+from perceiver_ar import from_official, generate, generate_stream
 from perceiver_ar.generate import KVCache, KVSlots, prefill, sample
 from perceiver_ar.model import PAD_ID
-from tests.conftest import GOLDEN_DIR
+from tests.conftest import GOLDEN_DIR, make_model
 
 NON_MODEL_KEYS = ("param_seed", "z_loss", "label_smoothing")
-
-
-def make_model(position_encoding="rotary", seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(
-        context_len=32,
-        num_latents=8,
-        input_dim=24,
-        latent_dim=16,
-        num_latent_layers=2,
-        cross_attend_heads=2,
-        latent_heads=2,
-        position_encoding=position_encoding,
-        final_layer_init_zeros=False,  # zero logits would make every comparison trivial
-    )
-    cfg.update(overrides)
-    return PerceiverAR(PerceiverARConfig(**cfg)).eval()
 
 
 def random_prompt(B, T, seed=0, vocab=259):

@@ -8,23 +8,7 @@ import torch.nn.functional as F
 
 from perceiver_ar import PerceiverAR, PerceiverARConfig
 from perceiver_ar.model import build_masks, latent_indices, sequence_lengths
-
-
-def make_model(position_encoding="rotary", seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(
-        context_len=32,
-        num_latents=8,
-        input_dim=24,
-        latent_dim=16,
-        num_latent_layers=2,
-        cross_attend_heads=2,
-        latent_heads=2,
-        position_encoding=position_encoding,
-        final_layer_init_zeros=False,  # zero logits would make every comparison trivial
-    )
-    cfg.update(overrides)
-    return PerceiverAR(PerceiverARConfig(**cfg)).eval()
+from tests.conftest import make_model
 
 
 def random_batch(B, T, lengths=None, vocab=259, seed=0):
