@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from perceiver_ar.config import PerceiverARConfig
     from perceiver_ar.loss import perceiver_ar_loss
-    from perceiver_ar.model import TOKEN_OFFSET, PerceiverAR
+    from perceiver_ar.model import PerceiverAR
+    from perceiver_ar.vocab import TOKEN_OFFSET
 
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from perceiver_ar import PerceiverAR, PerceiverARConfig, perceiver_ar_loss
-from perceiver_ar.model import Masks, drop_prefix_inputs, sequence_lengths
+from perceiver_ar.attention import Masks, sequence_lengths
+from perceiver_ar.model import drop_prefix_inputs
 
 
 def model_with(**kw):

@@ -10,7 +10,7 @@ import torch
 
 from perceiver_ar import from_official, generate, generate_stream
 from perceiver_ar.generate import KVCache, KVSlots, prefill, sample
-from perceiver_ar.model import PAD_ID
+from perceiver_ar.vocab import PAD_ID
 from tests.conftest import GOLDEN_DIR, make_model
 
 NON_MODEL_KEYS = ("param_seed", "z_loss", "label_smoothing")

@@ -22,8 +22,9 @@ from perceiver_ar.copy_task import (
     write_copy_store,
 )
 from perceiver_ar.loss import perceiver_ar_loss, shift_events
-from perceiver_ar.model import EOS_ID, PAD_ID, SOS_ID, PerceiverAR, PerceiverAROutput
+from perceiver_ar.model import PerceiverAR, PerceiverAROutput
 from perceiver_ar.store import TokenStore
+from perceiver_ar.vocab import EOS_ID, PAD_ID, SOS_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -113,7 +114,7 @@ def test_inference_forward_equals_training_forward(position_encoding):
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_prefix_causal_attention_equals_band_mask(M):
     # The mask-free full-row cross-attend against SDPA with the band mask.
-    from perceiver_ar.model import PrefixCausalAttention, band_mask
+    from perceiver_ar.attention import PrefixCausalAttention, band_mask
 
     T = 40
     g = torch.Generator().manual_seed(M)

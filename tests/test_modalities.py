@@ -20,8 +20,8 @@ from perceiver_ar.modalities import BadInputFile, assign_splits
 from perceiver_ar.modalities import audio as au
 from perceiver_ar.modalities import images as im
 from perceiver_ar.modalities import music as mu
-from perceiver_ar.model import EOS_ID, SOS_ID
 from perceiver_ar.store import TokenStore
+from perceiver_ar.vocab import EOS_ID, SOS_ID
 
 PIL = pytest.importorskip("PIL.Image")
 mido = pytest.importorskip("mido")

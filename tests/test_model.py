@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from perceiver_ar import PerceiverAR, PerceiverARConfig
-from perceiver_ar.model import build_masks, latent_indices, sequence_lengths
+from perceiver_ar.attention import build_masks, latent_indices, sequence_lengths
 from tests.conftest import make_model
 
 

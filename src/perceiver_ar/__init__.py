@@ -17,7 +17,8 @@ from .config import PRESETS, PerceiverARConfig
 from .convert import from_official
 from .generate import GenerationOutput, GenerationStep, generate, generate_stream
 from .loss import LossOutput, perceiver_ar_loss, shift_events
-from .model import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET, PerceiverAR, PerceiverAROutput
+from .model import PerceiverAR, PerceiverAROutput
+from .vocab import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET
 
 __all__ = [
     "EOS_ID",

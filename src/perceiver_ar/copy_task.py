@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import EOS_ID, SOS_ID, TOKEN_OFFSET
+from .vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 
 NUM_BYTE_VALUES = 256
 VOCAB_SIZE = NUM_BYTE_VALUES + TOKEN_OFFSET  # 259

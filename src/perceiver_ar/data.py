@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .model import PAD_ID
 from .store import Split, StoreWriter
 from .tokenizer import encode_document, make_tokenizer
+from .vocab import PAD_ID
 
 # ----------------------------------------------------------------------------
 # Preparing a text corpus

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import positions_for_crop
-from .model import PAD_ID, PerceiverAR
+from .model import PerceiverAR
 from .store import Split, TokenStore
 from .tokenizer import tokenizer_from_dict
+from .vocab import PAD_ID
 
 PROTOCOLS = ("block", "stride1")
 

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .config import PerceiverARConfig
-from .model import PAD_ID, PerceiverAR
+from .model import PerceiverAR
+from .vocab import PAD_ID
 
 # ----------------------------------------------------------------------------
 # The KV cache
@@ -142,7 +143,7 @@ def prefill(
 @torch.no_grad()
 def decode_one(model: PerceiverAR, token: Tensor, position: Tensor, cache: KVCache) -> Tensor:
     """The cached step: one new token [B] at ``position`` [B] hosts one latent. Logits [B, V]."""
-    return model(token[:, None], position[:, None], cache=cache).logits[:, -1]
+    return model.decode_step(token[:, None], position[:, None], cache).logits[:, -1]
 
 
 def sample(

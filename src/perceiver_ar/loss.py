@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import PAD_ID
+from .vocab import PAD_ID
 
 
 @dataclass

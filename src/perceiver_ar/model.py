@@ -5,8 +5,9 @@ the latents. One causally masked cross-attend lets every latent read the
 inputs up to its own, then L causal self-attention layers run over the M
 latents only, and each latent predicts the token after its input.
 
-This file holds only modules and the functions they need; it computes exactly
-what the official JAX/Haiku implementation computes (see shared/golden).
+This file holds only modules; masks, rotary and kernels live in
+``attention.py``. It computes exactly what the official JAX/Haiku
+implementation computes (tests/golden/README.md maps every parameter).
 Shape letters: B batch, T inputs, M latents, H heads, E input width,
 D latent width, V vocabulary.
 """
@@ -15,217 +16,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import (
+    KVBuffer,
+    Masks,
+    ModelCache,
+    apply_rotary,
+    apply_rotary_,
+    build_masks,
+    default_positions,
+    latent_indices,
+    rotary_tables,
+    scaled_dot_product,
+    sequence_lengths,
+    sinusoidal_table,
+    with_latent_dropout,
+)
+from .checkpoint import Pretrained
 from .config import PerceiverARConfig
+from .vocab import PAD_ID
 
-if TYPE_CHECKING:  # the cache lives with the generator; the model only writes to it
-    from .generate import KVCache, KVSlots
-
-PAD_ID = 0
-EOS_ID = 1
-SOS_ID = 2
-TOKEN_OFFSET = 3  # data token k has id k + 3
-# Query-chunk size of the cross-attend when autograd is off and the config sets none.
-INFERENCE_CROSS_ATTEND_CHUNK = 128
-
-
-# ----------------------------------------------------------------------------
-# Positions, masks and rotary tables
-# ----------------------------------------------------------------------------
-
-
-def default_positions(inputs: Tensor) -> Tensor:
-    """1-based positions of a right-padded batch, 0 on padding. [B, T]."""
-    B, T = inputs.shape
-    pos = torch.arange(1, T + 1, device=inputs.device).expand(B, T)
-    return pos * (inputs != PAD_ID)
-
-
-def sequence_lengths(inputs: Tensor) -> Tensor:
-    """Index of the first PAD in each row, or T if there is none. [B]."""
-    B, T = inputs.shape
-    is_pad = inputs == PAD_ID
-    first_pad = torch.where(is_pad, torch.arange(T, device=inputs.device), torch.full_like(inputs, T))
-    return first_pad.min(dim=1).values
-
-
-def latent_indices(lengths: Tensor, num_latents: int) -> Tensor:
-    """Input index each latent sits on, right-aligned to the row's valid length.
-
-    Rows shorter than M get invalid leading latents, marked -1. [B, M].
-    """
-    offsets = torch.arange(-num_latents, 0, device=lengths.device)
-    return (lengths[:, None] + offsets).clamp(min=-1)
-
-
-@dataclass
-class Masks:
-    """Boolean attention masks (True = attend), built once per forward.
-
-    ``None`` means no mask is needed; ``latent_causal`` says the latent layers
-    can use the plain square causal kernel instead of ``latent``.
-    """
-
-    cross: Tensor | None  # [B or 1, 1, M, T]
-    latent: Tensor | None  # [B, 1, M, M]
-    latent_causal: bool
-    # Latents with no visible input; the official code gives them a uniform
-    # softmax over all T inputs (scores filled with -1e30). [B, M] or None.
-    uniform_rows: Tensor | None
-    # Every row is full: ``cross`` is the bottom-right band (all T - M prefix
-    # inputs, then a causal M x M square), so the cross-attend can run as two
-    # mask-free kernels (see ``PrefixCausalAttention``).
-    cross_band: bool = False
-
-
-def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None) -> Masks:
-    """Masks of the official ``final_block`` style.
-
-    A latent on input s sees input j iff j <= s and x[j] != PAD (and, with the
-    mask form of cross-attend dropout, j was kept or j == s). Latents see
-    latents on the same or earlier inputs; invalid latents (-1) are hidden as
-    keys and see only themselves.
-    """
-    B, T = inputs.shape
-    M = latent_index.shape[1]
-    key_valid = inputs != PAD_ID  # [B, T]
-    fast = bool(key_valid.all()) and T >= M and input_keep is None
-    j = torch.arange(T, device=inputs.device)
-    if fast:
-        # Every row is full: latents sit on T-M..T-1 in every row, the cross
-        # mask is one bottom-right causal band shared by the batch (built by
-        # the cross-attend only if its kernel needs it: ``band_mask``), and
-        # the latent layers are plainly causal.
-        return Masks(cross=None, latent=None, latent_causal=True, uniform_rows=None, cross_band=True)
-
-    cross = (j[None, None, :] <= latent_index[:, :, None]) & key_valid[:, None, :]
-    if input_keep is not None:
-        own = j[None, None, :] == latent_index[:, :, None]
-        cross = cross & (input_keep[:, None, :] | own)
-    valid = latent_index >= 0
-    uniform_rows = None
-    if not bool(valid.all()):
-        # An invalid latent has no visible input. SDPA would return NaN for an
-        # all-False row, so let it see every key here and overwrite its output
-        # with the uniform mean afterwards (what a -1e30 fill produces).
-        cross = cross | ~valid[:, :, None]
-        uniform_rows = ~valid
-    latent = (latent_index[:, :, None] >= latent_index[:, None, :]) & valid[:, None, :]
-    latent = latent | torch.eye(M, dtype=torch.bool, device=inputs.device)
-    return Masks(
-        cross=cross.unsqueeze(1),
-        latent=latent.unsqueeze(1),
-        latent_causal=False,
-        uniform_rows=uniform_rows,
-    )
-
-
-def band_mask(num_latents: int, num_inputs: int, device: torch.device) -> Tensor:
-    """The cross mask of full rows: latent m (on input T-M+m) sees inputs 0..T-M+m. [1, 1, M, T]."""
-    j = torch.arange(num_inputs, device=device)
-    last = torch.arange(num_inputs - num_latents, num_inputs, device=device)
-    return (j[None, :] <= last[:, None])[None, None]
-
-
-def rotary_tables(positions: Tensor, rotary_dim: int, max_wavelength: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, [B, 1, T, rotary_dim / 2].
-
-    The official frequencies come from a ``linspace`` that includes its end
-    point: exponents run over [0, 1] inclusive, so for 4 rotated channels and
-    max_wavelength 64 the wavelengths are 1 and 64.
-    """
-    num_bands = rotary_dim // 2
-    exponents = (2.0 / rotary_dim) * torch.linspace(0, num_bands, num_bands, dtype=torch.float64)
-    inv_freq = (1.0 / (float(max_wavelength) ** exponents)).to(torch.float32)
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
-
-
-class PrefixCausalAttention(torch.autograd.Function):
-    """SDPA of M queries on T keys: all T - M prefix keys, then the last M causally.
-
-    Exactly ``softmax(q k^T + band mask) v`` for the full-row cross-attend,
-    without the [M, T] mask: SDPA on CPU converts a boolean mask into a float
-    copy four times its size in the forward and again in the backward, and
-    cannot skip masked blocks. Here two fused CPU flash kernels run (the prefix
-    unmasked, the last M keys with the square causal mask) and their outputs
-    merge by log-sum-exp. The backward of a key block needs only the merged
-    output and log-sum-exp, so it is exact too. q [B, H, M, dh], k and v
-    [B, H, T, dh] with T > M; CPU only.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        P = k.shape[2] - q.shape[2]  # prefix inputs visible to every latent
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_prefix, lse_prefix = flash(q, k[:, :, :P], v[:, :, :P], 0.0, False)
-        out_square, lse_square = flash(q, k[:, :, P:], v[:, :, P:], 0.0, True)
-        lse = torch.logaddexp(lse_prefix, lse_square)  # [B, H, M]
-        out = torch.exp(lse_prefix - lse)[..., None] * out_prefix
-        out.addcmul_(torch.exp(lse_square - lse)[..., None], out_square)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v, out, lse = ctx.saved_tensors
-        P = k.shape[2] - q.shape[2]
-        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        grad_out = grad_out.contiguous()
-        dq, dk_prefix, dv_prefix = backward(grad_out, q, k[:, :, :P], v[:, :, :P], out, lse, 0.0, False)
-        dq_square, dk_square, dv_square = backward(grad_out, q, k[:, :, P:], v[:, :, P:], out, lse, 0.0, True)
-        return dq + dq_square, torch.cat((dk_prefix, dk_square), 2), torch.cat((dv_prefix, dv_square), 2)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (interleaved style) of the first channels.
-
-    x [B, H, T, dh]; only the first 2 * cos.shape[-1] channels of each head
-    rotate, the rest pass through.
-    """
-    r = 2 * cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x0, x1 = x_rot.unflatten(-1, (r // 2, 2)).unbind(-1)
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
-
-
-def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``apply_rotary`` in place, for inference: x must not need gradients.
-
-    The out-of-place form holds about four copies of the rotated channels at
-    once; at 131,072 inputs that is the peak of a forward pass. Here the
-    only temporary is one copy of the even channels.
-    """
-    r = 2 * cos.shape[-1]
-    pairs = x[..., :r].unflatten(-1, (r // 2, 2))
-    x0, x1 = pairs.unbind(-1)
-    x0_orig = x0.clone()
-    x0.mul_(cos).addcmul_(x1, sin, value=-1.0)  # x0 cos - x1 sin
-    x1.mul_(cos).addcmul_(x0_orig, sin)  # x1 cos + x0 sin
-    return x
-
-
-def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
-    """The official sinusoidal position table: sines in the first half, cosines after."""
-    half = dim // 2
-    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    div = torch.exp(torch.arange(half, dtype=torch.float64) * (-math.log(10000.0) / (half - 1)))
-    table = torch.zeros(num_positions, dim, dtype=torch.float64)
-    table[:, :half] = torch.sin(position * div)
-    table[:, half : 2 * half] = torch.cos(position * div)
-    return table.to(torch.float32)
-
-
-# ----------------------------------------------------------------------------
-# Modules
-# ----------------------------------------------------------------------------
+Rope = tuple[Tensor, Tensor]  # cos, sin [B, 1, T, rotary_dim / 2]
 
 
 def squared_relu(x: Tensor) -> Tensor:
@@ -287,34 +103,9 @@ class Attention(nn.Module):
         rotate = apply_rotary_ if not (torch.is_grad_enabled() and k.requires_grad) else apply_rotary
         return rotate(k, *rope), v
 
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None,
-        is_causal: bool = False,
-        uniform_rows: Tensor | None = None,
-    ) -> Tensor:
-        """Scaled dot-product attention and the output projection. [B, Lq, out]."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        if uniform_rows is not None:
-            out = torch.where(uniform_rows[:, None, :, None], v.mean(dim=2, keepdim=True), out)
+    def output(self, out: Tensor) -> Tensor:
+        """[B, H, Lq, dh] attention output -> [B, Lq, out_dim] through the output projection."""
         return self.wo(out.transpose(1, 2).flatten(2))
-
-    def forward(
-        self,
-        x_q: Tensor,
-        x_kv: Tensor,
-        mask: Tensor | None,
-        rope_q: tuple[Tensor, Tensor] | None,
-        rope_k: tuple[Tensor, Tensor] | None,
-        is_causal: bool = False,
-        uniform_rows: Tensor | None = None,
-    ) -> Tensor:
-        q = self.queries(x_q, rope_q)
-        k, v = self.keys_values(x_kv, rope_k)
-        return self.attend(q, k, v, mask, is_causal, uniform_rows)
 
 
 class CrossAttend(nn.Module):
@@ -323,7 +114,7 @@ class CrossAttend(nn.Module):
     def __init__(self, cfg: PerceiverARConfig):
         super().__init__()
         E, D = cfg.input_dim, cfg.latent_dim
-        self.cfg = cfg
+        self.chunk_size = cfg.cross_attend_chunk_size
         self.query_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.kv_norm = nn.LayerNorm(E, eps=cfg.layer_norm_eps)
         self.attention = Attention(D, E, E, D, cfg.cross_attend_heads)
@@ -336,43 +127,25 @@ class CrossAttend(nn.Module):
         z0: Tensor,
         emb: Tensor,
         masks: Masks,
-        rope_q: tuple[Tensor, Tensor] | None,
-        rope_k: tuple[Tensor, Tensor] | None,
-        cache: KVSlots | None = None,
+        rope_q: Rope | None,
+        rope_k: Rope | None,
+        cache: KVBuffer | None = None,
     ) -> Tensor:
         q = self.attention.queries(self.query_norm(z0), rope_q)  # [B, H, M, E/H]
         k, v = self.attention.keys_values(self.kv_norm(emb), rope_k)  # [B, H, T, E/H]
         if cache is not None:
             # Generation: store these inputs' keys/values, attend to every cached one.
             k, v = cache.update(k, v)
-        chunk = self.cfg.cross_attend_chunk_size
-        M, T = q.shape[2], k.shape[2]
-        cross_mask = masks.cross
-        if masks.cross_band:
-            if cache is None and T > M and q.device.type == "cpu":
-                # Full rows on CPU: two mask-free kernels, exact, less time and memory.
-                out = PrefixCausalAttention.apply(q, k, v)  # [B, H, M, E/H]
-                z = z0 + self.dropout(self.attention.wo(out.transpose(1, 2).flatten(2)))
-                return z + self.feed_forward(self.ffn_norm(z))
-            cross_mask = band_mask(M, T, q.device)
-        if chunk <= 0 and cross_mask is not None and not torch.is_grad_enabled():
-            # SDPA on CPU turns a boolean mask into a float copy four times its
-            # size (+512 MB for M = 1024, T = 131,072). Without autograd, query
-            # chunks cost no time and bound that copy to chunk x T.
-            chunk = INFERENCE_CROSS_ATTEND_CHUNK
-        if chunk <= 0 or chunk >= M:
-            attn = self.attention.attend(q, k, v, cross_mask, uniform_rows=masks.uniform_rows)
-        else:
-            # Query chunks bound the memory of the mask and the kernel's
-            # workspace to chunk x T per head.
-            pieces = []
-            for start in range(0, M, chunk):
-                sl = slice(start, start + chunk)
-                mask = None if cross_mask is None else cross_mask[:, :, sl]
-                rows = None if masks.uniform_rows is None else masks.uniform_rows[:, sl]
-                pieces.append(self.attention.attend(q[:, :, sl], k, v, mask, uniform_rows=rows))
-            attn = torch.cat(pieces, dim=1)
-        z = z0 + self.dropout(attn)
+        out = scaled_dot_product(
+            q,
+            k,
+            v,
+            mask=masks.cross,
+            causal=masks.full_rows,
+            uniform_rows=masks.uniform_rows,
+            chunk_size=self.chunk_size,
+        )
+        z = z0 + self.dropout(self.attention.output(out))
         return z + self.feed_forward(self.ffn_norm(z))
 
 
@@ -388,22 +161,15 @@ class LatentLayer(nn.Module):
         self.feed_forward = FeedForward(D, cfg.latent_widening, cfg.activation, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self,
-        z: Tensor,
-        masks: Masks,
-        rope: tuple[Tensor, Tensor] | None,
-        cache: KVSlots | None = None,
-    ) -> Tensor:
+    def forward(self, z: Tensor, masks: Masks, rope: Rope | None, cache: KVBuffer | None = None) -> Tensor:
         h = self.attention_norm(z)
         q = self.attention.queries(h, rope)
         k, v = self.attention.keys_values(h, rope)
         if cache is not None:
             k, v = cache.update(k, v)  # this layer's latents so far, the new ones last
-        attn = self.attention.attend(
-            q, k, v, masks.latent, is_causal=masks.latent_causal and masks.latent is None
-        )
-        z = z + self.dropout(attn)
+        causal = masks.full_rows and masks.latent is None
+        out = scaled_dot_product(q, k, v, mask=masks.latent, causal=causal)
+        z = z + self.dropout(self.attention.output(out))
         return z + self.feed_forward(self.ffn_norm(z))
 
 
@@ -413,7 +179,16 @@ class PerceiverAROutput:
     latent_index: Tensor  # [B, M] input index of each latent, -1 if invalid
 
 
-class PerceiverAR(nn.Module):
+@dataclass
+class LatentRopes:
+    """Rotary tables of one forward: cross-attend queries and keys, latent layers."""
+
+    cross_q: Rope | None = None
+    cross_k: Rope | None = None
+    latent: Rope | None = None
+
+
+class PerceiverAR(Pretrained, nn.Module):
     """Perceiver AR: one causal cross-attend onto M latents, then L latent layers."""
 
     def __init__(self, config: PerceiverARConfig):
@@ -468,6 +243,79 @@ class PerceiverAR(nn.Module):
 
     # --------------------------------------------------------------- forward
 
+    def forward(
+        self,
+        inputs: Tensor,
+        positions: Tensor | None = None,
+        num_latents: int | None = None,
+        cache: ModelCache | None = None,
+    ) -> PerceiverAROutput:
+        """Logits of the M latents for a right-padded batch.
+
+        inputs [B, T] token ids (PAD = 0 only as trailing padding).
+        positions [B, T] (or [B, T, axes] for several absolute tables),
+        1-based, 0 on padding; defaults to 1..length.
+        num_latents overrides the config's M for this call; M = T gives a
+        decoder-only Transformer. Each latent predicts the token after its input.
+        cache (generation only, see perceiver_ar.generate): an empty cache is
+        filled with the keys/values of this forward (the prime or a reset);
+        later tokens go through ``decode_step``.
+        """
+        M = self.config.num_latents if num_latents is None else int(num_latents)
+        self.check_inputs(inputs, positions, M)
+        if cache is not None:
+            check_cache_fill(inputs, self.training)
+        inputs = inputs.long()
+        M = min(M, inputs.shape[1])
+        positions = default_positions(inputs) if positions is None else positions
+        emb = self.embed(inputs, positions)  # [B, T, E]
+        rot_pos = positions if positions.dim() == 2 else positions[..., 0]  # [B, T]
+
+        # Cross-attend dropout (training only): hide a random subset of inputs
+        # from every latent and head, never a latent's own input.
+        input_keep = kept_index = None
+        if self.training and self.config.cross_attend_dropout > 0:
+            inputs, emb, rot_pos, input_keep, kept_index = self.cross_attend_dropout(inputs, emb, rot_pos, M)
+
+        latent_index = latent_indices(sequence_lengths(inputs), M)  # [B, M]
+        masks = build_masks(inputs, latent_index, input_keep)
+        if self.training and self.config.latent_dropout > 0:
+            masks = with_latent_dropout(masks, latent_index, self.config.latent_dropout)
+        gather = latent_index % inputs.shape[1]  # -1 wraps to T-1, as in the official code
+        z0 = self.latent_init(emb.gather(1, gather[..., None].expand(-1, -1, emb.shape[-1])))  # [B, M, D]
+        ropes = self.rotary(rot_pos.gather(1, gather), rot_pos)
+        logits = self.trunk(z0, emb, masks, ropes, cache)  # [B, M, V]
+
+        if kept_index is not None:  # report latents in the coordinates of the caller's inputs
+            latent_index = torch.where(
+                latent_index >= 0, kept_index.gather(1, latent_index.clamp(min=0)), latent_index
+            )
+        return PerceiverAROutput(logits=logits, latent_index=latent_index)
+
+    def decode_step(self, inputs: Tensor, positions: Tensor, cache: ModelCache) -> PerceiverAROutput:
+        """One generation step: the new input hosts one new latent. Logits [B, 1, V].
+
+        inputs [B, 1] is the token just sampled and positions [B, 1] (or
+        [B, 1, axes]) its position. Its keys/values join the cross-attend cache
+        and the latent's join each latent layer's cache; the latent attends to
+        everything cached (all of it precedes it), so no mask is built. Token
+        ids are not range checked here: that would cost a device sync per token.
+        """
+        if self.training:
+            raise ValueError("cached generation needs model.eval(): dropout would corrupt the cache")
+        B = inputs.shape[0]
+        if inputs.dim() != 2 or inputs.shape[1] != 1 or positions.shape[:2] != (B, 1):
+            raise ValueError(
+                f"a cached step takes one new token [B, 1] and its position [B, 1], "
+                f"got {tuple(inputs.shape)} and {tuple(positions.shape)}"
+            )
+        emb = self.embed(inputs, positions)  # [B, 1, E]
+        rot_pos = positions if positions.dim() == 2 else positions[..., 0]
+        logits = self.trunk(self.latent_init(emb), emb, Masks(), self.rotary(rot_pos, rot_pos), cache)
+        return PerceiverAROutput(logits=logits, latent_index=torch.zeros_like(inputs))
+
+    # ----------------------------------------------------------- its pieces
+
     def embed(self, inputs: Tensor, positions: Tensor) -> Tensor:
         """Token embedding, plus the summed position tables when absolute. [B, T, E]."""
         emb = self.tok_embeddings(inputs)
@@ -477,7 +325,62 @@ class PerceiverAR(nn.Module):
                 emb = emb + table(idx[..., axis])
         return emb
 
-    def _check_inputs(self, inputs: Tensor, positions: Tensor | None, num_latents: int) -> None:
+    def rotary(self, latent_pos: Tensor, input_pos: Tensor) -> LatentRopes:
+        """Rotary tables for latents at ``latent_pos`` [B, M] reading inputs at ``input_pos`` [B, T]."""
+        cfg = self.config
+        if cfg.position_encoding != "rotary":
+            return LatentRopes()
+        cross_dim, latent_dim, wavelength = (
+            cfg.cross_attend_rotary_dim,
+            cfg.latent_rotary_dim,
+            cfg.max_wavelength,
+        )
+        cross_q = rotary_tables(latent_pos, cross_dim, wavelength)
+        cross_k = cross_q if input_pos is latent_pos else rotary_tables(input_pos, cross_dim, wavelength)
+        latent = cross_q if latent_dim == cross_dim else rotary_tables(latent_pos, latent_dim, wavelength)
+        return LatentRopes(cross_q, cross_k, latent)
+
+    def trunk(
+        self, z0: Tensor, emb: Tensor, masks: Masks, ropes: LatentRopes, cache: ModelCache | None
+    ) -> Tensor:
+        """Cross-attend, the latent layers and the logits layer. [B, M, V]."""
+        cfg = self.config
+        if cfg.checkpoint_cross_attend and self.training:
+            z = checkpoint(
+                self.cross_attend, z0, emb, masks, ropes.cross_q, ropes.cross_k, use_reentrant=False
+            )
+        else:
+            z = self.cross_attend(
+                z0, emb, masks, ropes.cross_q, ropes.cross_k, None if cache is None else cache.cross
+            )
+        for i, layer in enumerate(self.latent_layers):
+            if cfg.checkpoint_latent_layers and self.training:
+                z = checkpoint(layer, z, masks, ropes.latent, use_reentrant=False)
+            else:
+                z = layer(z, masks, ropes.latent, None if cache is None else cache.latent[i])
+        return self.output(self.norm(z))
+
+    def cross_attend_dropout(
+        self, inputs: Tensor, emb: Tensor, rot_pos: Tensor, num_latents: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The configured form of cross-attend dropout.
+
+        "drop" removes inputs (returns the shortened inputs, embeddings,
+        positions and the kept inputs' original indices); "mask" keeps them
+        and returns which inputs stay visible [B, T].
+        """
+        rate = self.config.cross_attend_dropout
+        if self.config.cross_attend_dropout_mode == "drop":
+            inputs, emb, rot_pos, kept_index = drop_prefix_inputs(inputs, emb, rot_pos, num_latents, rate)
+            return inputs, emb, rot_pos, None, kept_index
+        input_keep = torch.rand(inputs.shape, device=inputs.device) >= rate
+        return inputs, emb, rot_pos, input_keep, None
+
+    def check_inputs(self, inputs: Tensor, positions: Tensor | None, num_latents: int) -> None:
+        """Raise ValueError, naming the fix, for inputs this model cannot take.
+
+        Reads tensor values (a host sync on a GPU).
+        """
         cfg = self.config
         if inputs.dim() != 2:
             raise ValueError(f"inputs must be [batch, length] token ids, got shape {tuple(inputs.shape)}")
@@ -521,139 +424,16 @@ class PerceiverAR(nn.Module):
                         f"{size} rows: raise position_table_sizes or use rotary positions"
                     )
 
-    def forward(
-        self,
-        inputs: Tensor,
-        positions: Tensor | None = None,
-        num_latents: int | None = None,
-        cache: KVCache | None = None,
-    ) -> PerceiverAROutput:
-        """Logits of the M latents for a right-padded batch.
-
-        inputs [B, T] token ids (PAD = 0 only as trailing padding).
-        positions [B, T] (or [B, T, axes] for several absolute tables),
-        1-based, 0 on padding; defaults to 1..length.
-        num_latents overrides the config's M for this call; M = T gives a
-        decoder-only Transformer. Each latent predicts the token after its input.
-
-        cache (generation only, see perceiver_ar.generate): an empty cache is
-        filled with the keys/values of this forward (the prime or a reset); a
-        filled one makes this call one decode step (``decode_step``).
-        """
-        if cache is not None:
-            if self.training:
-                raise ValueError("cached generation needs model.eval(): dropout would corrupt the cache")
-            if cache.num_inputs > 0:
-                return self.decode_step(inputs, positions, cache)
-            if not bool((inputs != PAD_ID).all()):
-                raise ValueError("a cache can only be filled from inputs without padding")
-        cfg = self.config
-        M = cfg.num_latents if num_latents is None else int(num_latents)
-        self._check_inputs(inputs, positions, M)
-        inputs = inputs.long()
-        B, T = inputs.shape
-        M = min(M, T)
-        if positions is None:
-            positions = default_positions(inputs)
-        emb = self.embed(inputs, positions)  # [B, T, E]
-        rot_pos = positions if positions.dim() == 2 else positions[..., 0]
-
-        # Cross-attend dropout (training only): hide a random subset of inputs
-        # from every latent and head, never a latent's own input.
-        input_keep = None
-        kept_index = None
-        p = cfg.cross_attend_dropout
-        if self.training and p > 0:
-            if cfg.cross_attend_dropout_mode == "drop":
-                inputs, emb, rot_pos, kept_index = drop_prefix_inputs(inputs, emb, rot_pos, M, p)
-                T = inputs.shape[1]
-            else:
-                input_keep = torch.rand(B, T, device=inputs.device) >= p
-
-        lengths = sequence_lengths(inputs)
-        latent_index = latent_indices(lengths, M)  # [B, M]
-        masks = build_masks(inputs, latent_index, input_keep)
-        if self.training and cfg.latent_dropout > 0:
-            masks = with_latent_dropout(masks, latent_index, cfg.latent_dropout)
-
-        gather = (latent_index % T)[..., None]  # -1 wraps to T-1, as in the official code
-        z0 = self.latent_init(emb.gather(1, gather.expand(B, M, emb.shape[-1])))  # [B, M, D]
-
-        rope_cross_q = rope_cross_k = rope_latent = None
-        if cfg.position_encoding == "rotary":
-            latent_pos = rot_pos.gather(1, gather[..., 0])  # [B, M]
-            rope_cross_q = rotary_tables(latent_pos, cfg.cross_attend_rotary_dim, cfg.max_wavelength)
-            rope_cross_k = rotary_tables(rot_pos, cfg.cross_attend_rotary_dim, cfg.max_wavelength)
-            rope_latent = rotary_tables(latent_pos, cfg.latent_rotary_dim, cfg.max_wavelength)
-
-        if cfg.checkpoint_cross_attend and self.training:
-            z = checkpoint(self.cross_attend, z0, emb, masks, rope_cross_q, rope_cross_k, use_reentrant=False)
-        else:
-            cross_cache = None if cache is None else cache.cross
-            z = self.cross_attend(z0, emb, masks, rope_cross_q, rope_cross_k, cross_cache)
-        for i, layer in enumerate(self.latent_layers):
-            if cfg.checkpoint_latent_layers and self.training:
-                z = checkpoint(layer, z, masks, rope_latent, use_reentrant=False)
-            else:
-                z = layer(z, masks, rope_latent, None if cache is None else cache.latent[i])
-        logits = self.output(self.norm(z))  # [B, M, V]
-
-        if kept_index is not None:
-            # Report latents in the coordinates of the caller's inputs.
-            latent_index = torch.where(
-                latent_index >= 0, kept_index.gather(1, latent_index.clamp(min=0)), latent_index
-            )
-        return PerceiverAROutput(logits=logits, latent_index=latent_index)
-
-    def decode_step(self, inputs: Tensor, positions: Tensor, cache: KVCache) -> PerceiverAROutput:
-        """One generation step: the new input hosts one new latent. Logits [B, 1, V].
-
-        inputs [B, 1] is the token just sampled and positions [B, 1] its
-        position. Its keys/values join the cross-attend cache and the latent's
-        join each latent layer's cache; the latent attends to everything cached
-        (all of it precedes it), so no mask is built. Token ids are not range
-        checked here: that would cost a device sync per token.
-        """
-        cfg = self.config
-        B = cache.batch_size
-        if inputs.shape != (B, 1) or positions is None or positions.shape[:2] != (B, 1):
-            raise ValueError(
-                f"a cached step takes one new token [{B}, 1] and its position [{B}, 1], "
-                f"got {tuple(inputs.shape)} and {None if positions is None else tuple(positions.shape)}"
-            )
-        emb = self.embed(inputs, positions)  # [B, 1, E]
-        z0 = self.latent_init(emb)  # [B, 1, D]
-        rope_cross = rope_latent = None
-        if cfg.position_encoding == "rotary":
-            rot_pos = positions if positions.dim() == 2 else positions[..., 0]
-            rope_cross = rotary_tables(rot_pos, cfg.cross_attend_rotary_dim, cfg.max_wavelength)
-            rope_latent = rope_cross
-            if cfg.latent_rotary_dim != cfg.cross_attend_rotary_dim:
-                rope_latent = rotary_tables(rot_pos, cfg.latent_rotary_dim, cfg.max_wavelength)
-        see_all = Masks(cross=None, latent=None, latent_causal=False, uniform_rows=None)
-        z = self.cross_attend(z0, emb, see_all, rope_cross, rope_cross, cache.cross)
-        for layer, layer_cache in zip(self.latent_layers, cache.latent, strict=True):
-            z = layer(z, see_all, rope_latent, layer_cache)
-        logits = self.output(self.norm(z))  # [B, 1, V]
-        return PerceiverAROutput(logits=logits, latent_index=torch.zeros_like(inputs))
-
-    # ------------------------------------------------------------ save/load
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
-        from .checkpoint import save_model
-
-        save_model(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> PerceiverAR:
-        """Rebuild a model from a directory written by ``save_pretrained``."""
-        from .checkpoint import load_model
-
-        return load_model(directory, map_location=map_location)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def check_cache_fill(inputs: Tensor, training: bool) -> None:
+    """A cache is filled by an eval-mode forward over a window without padding."""
+    if training:
+        raise ValueError("cached generation needs model.eval(): dropout would corrupt the cache")
+    if not bool((inputs != PAD_ID).all()):
+        raise ValueError("a cache can only be filled from inputs without padding")
 
 
 def drop_prefix_inputs(
@@ -682,22 +462,3 @@ def drop_prefix_inputs(
     # so the kept row is still right-padded.
     new_emb = emb.gather(1, kept[..., None].expand(B, keep, emb.shape[-1]))
     return inputs.gather(1, kept), new_emb, positions.gather(1, kept), kept
-
-
-def with_latent_dropout(masks: Masks, latent_index: Tensor, rate: float) -> Masks:
-    """Hide a random subset of latents as keys in the latent layers (diagonal kept)."""
-    B, M = latent_index.shape
-    latent = masks.latent
-    if latent is None:  # rebuild the plain causal mask
-        i = torch.arange(M, device=latent_index.device)
-        latent = (i[:, None] >= i[None, :]).expand(B, 1, M, M)
-    keep = torch.rand(B, M, device=latent_index.device) >= rate
-    eye = torch.eye(M, dtype=torch.bool, device=latent_index.device)
-    latent = (latent & keep[:, None, None, :]) | eye
-    return Masks(
-        cross=masks.cross,
-        latent=latent,
-        latent_causal=False,
-        uniform_rows=masks.uniform_rows,
-        cross_band=masks.cross_band,
-    )

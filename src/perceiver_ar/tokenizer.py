@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .model import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET
+from .vocab import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<sos>"]  # ids 0, 1, 2 in this order
 

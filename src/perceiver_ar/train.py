@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_model, save_model
 from .config import PerceiverARConfig
 from .data import crops_to_batch, make_sampler, max_position, targets_per_row
 from .evaluate import evaluate, unigram_log2p
@@ -220,7 +219,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, tmp)
+    model.save_pretrained(tmp)
     # The optimizer's tensors (moments, step counts) go to safetensors, its
     # scalars and parameter groups to JSON.
     opt_state = optimizer.state_dict()
@@ -286,7 +285,7 @@ def publish_model(model: PerceiverAR, run_dir: Path) -> Path:
     for p in (tmp, old):
         if p.exists():
             shutil.rmtree(p)
-    save_model(model, tmp)
+    model.save_pretrained(tmp)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -362,13 +361,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if not checkpoints:
             raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from")
         ckpt = checkpoints[-1]
-        model = load_model(ckpt)
+        model = PerceiverAR.from_pretrained(ckpt)
     elif list_checkpoints(run_dir):
         raise ValueError(
             f"{run_dir} already holds checkpoints: pass --resume {run_dir} or choose another --out"
         )
     elif cfg.init_from:
-        model = load_model(cfg.init_from)
+        model = PerceiverAR.from_pretrained(cfg.init_from)
     else:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         model = PerceiverAR(build_model_config(cfg, store))

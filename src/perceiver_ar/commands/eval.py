@@ -87,8 +87,8 @@ def print_sample(model, store, args: argparse.Namespace) -> None:
     import torch
 
     from ..generate import generate
-    from ..model import SOS_ID
     from ..tokenizer import tokenizer_from_dict
+    from ..vocab import SOS_ID
 
     if "tokenizer" not in store.meta:
         raise ValueError(f"{store.dir} has no tokenizer in meta.json: cannot print a text sample")

@@ -137,7 +137,7 @@ class TextStream:
 
 
 def _stop_ids(tokenizer, stops: list[str], ignore_eos: bool) -> list[int]:
-    from ..model import EOS_ID
+    from ..vocab import EOS_ID
 
     ids = [] if ignore_eos else [EOS_ID]
     for s in stops:
@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import resolve_model_dir
     from ..generate import generate_stream
-    from ..model import SOS_ID, PerceiverAR
+    from ..model import PerceiverAR
+    from ..vocab import SOS_ID
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ..model import SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
+from ..vocab import SOS_ID, TOKEN_OFFSET
 from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 
 VOCAB_SIZE = 256 + TOKEN_OFFSET

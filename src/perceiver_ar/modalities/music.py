@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET
 from ..store import StoreWriter
+from ..vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 
 NUM_PITCHES = 128

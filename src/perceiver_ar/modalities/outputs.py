@@ -30,20 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..model import EOS_ID, SOS_ID, TOKEN_OFFSET, PerceiverAR
+from ..model import PerceiverAR
 from ..store import TokenStore
+from ..vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 
 METRIC_NAMES = {"image": "bits_per_dim", "music": "bits_per_event", "audio": "bits_per_sample"}
 
 
 def load_model_dir(path: str | os.PathLike) -> PerceiverAR:
     """A model directory, or a run directory holding ``model/``."""
-    from ..checkpoint import load_model
-
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        path = path / "model"
-    return load_model(path)
+    return PerceiverAR.from_pretrained(path)
 
 
 def modality_of(meta: dict[str, Any]) -> str:

@@ -1,0 +1,294 @@
+"""Attention machinery below the model: positions, masks, rotary, kernels, the cache protocol.
+
+Everything here is a function of tensors; the modules live in ``model.py``.
+``scaled_dot_product`` is the one place that chooses an attention kernel.
+Masks are built once per forward from absolute indices (``build_masks``) and
+passed down. Shape letters: B batch, T inputs, M latents, H heads, dh head width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .vocab import PAD_ID
+
+# Query-chunk size of a masked attention when autograd is off and the caller sets none.
+INFERENCE_CHUNK = 128
+AUTO_CHUNK_AREA = 1 << 20  # masks of more query x key entries than this are chunked
+
+
+# ----------------------------------------------------------------------------
+# The KV cache protocol (implemented by perceiver_ar.generate)
+# ----------------------------------------------------------------------------
+
+
+class KVBuffer(Protocol):
+    """Keys and values of one attention layer kept across generation steps."""
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values [B, H, T, dh]; return every cached one to attend to."""
+        ...
+
+
+class ModelCache(Protocol):
+    """What the model reads and writes during cached generation: one buffer per attention."""
+
+    cross: KVBuffer
+    latent: Sequence[KVBuffer]
+
+
+# ----------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------
+
+
+def default_positions(inputs: Tensor) -> Tensor:
+    """1-based positions of a right-padded batch, 0 on padding. [B, T]."""
+    B, T = inputs.shape
+    pos = torch.arange(1, T + 1, device=inputs.device).expand(B, T)
+    return pos * (inputs != PAD_ID)
+
+
+def sequence_lengths(inputs: Tensor) -> Tensor:
+    """Index of the first PAD in each row, or T if there is none. [B]."""
+    B, T = inputs.shape
+    is_pad = inputs == PAD_ID
+    first_pad = torch.where(is_pad, torch.arange(T, device=inputs.device), torch.full_like(inputs, T))
+    return first_pad.min(dim=1).values
+
+
+def latent_indices(lengths: Tensor, num_latents: int) -> Tensor:
+    """Input index each latent sits on, right-aligned to the row's valid length.
+
+    Rows shorter than M get invalid leading latents, marked -1. [B, M].
+    """
+    offsets = torch.arange(-num_latents, 0, device=lengths.device)
+    return (lengths[:, None] + offsets).clamp(min=-1)
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
+    """The official sinusoidal position table: sines in the first half, cosines after."""
+    half = dim // 2
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(half, dtype=torch.float64) * (-math.log(10000.0) / (half - 1)))
+    table = torch.zeros(num_positions, dim, dtype=torch.float64)
+    table[:, :half] = torch.sin(position * div)
+    table[:, half : 2 * half] = torch.cos(position * div)
+    return table.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# Rotary
+# ----------------------------------------------------------------------------
+
+
+def rotary_tables(positions: Tensor, rotary_dim: int, max_wavelength: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, [B, 1, T, rotary_dim / 2].
+
+    The official frequencies come from a ``linspace`` that includes its end
+    point: exponents run over [0, 1] inclusive, so for 4 rotated channels and
+    max_wavelength 64 the wavelengths are 1 and 64.
+    """
+    num_bands = rotary_dim // 2
+    exponents = (2.0 / rotary_dim) * torch.linspace(0, num_bands, num_bands, dtype=torch.float64)
+    inv_freq = (1.0 / (float(max_wavelength) ** exponents)).to(torch.float32)
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (interleaved style) of the first channels.
+
+    x [B, H, T, dh]; only the first 2 * cos.shape[-1] channels of each head
+    rotate, the rest pass through.
+    """
+    r = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x0, x1 = x_rot.unflatten(-1, (r // 2, 2)).unbind(-1)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rotary`` in place, for inference: x must not need gradients.
+
+    The out-of-place form holds about four copies of the rotated channels at
+    once; at 131,072 inputs that is the peak of a forward pass. Here the
+    only temporary is one copy of the even channels.
+    """
+    r = 2 * cos.shape[-1]
+    pairs = x[..., :r].unflatten(-1, (r // 2, 2))
+    x0, x1 = pairs.unbind(-1)
+    x0_orig = x0.clone()
+    x0.mul_(cos).addcmul_(x1, sin, value=-1.0)  # x0 cos - x1 sin
+    x1.mul_(cos).addcmul_(x0_orig, sin)  # x1 cos + x0 sin
+    return x
+
+
+# ----------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Masks:
+    """Boolean attention masks (True = attend), built once per forward.
+
+    ``full_rows``: no row has padding and every input is visible, so no mask
+    is built: the cross-attend is bottom-right causal (every latent sees all
+    inputs up to its own) and the latent layers are plainly causal. Otherwise
+    ``cross`` and ``latent`` hold the masks; both ``None`` with ``full_rows``
+    off means every key is visible (a cached decode step).
+    """
+
+    cross: Tensor | None = None  # [B or 1, 1, M, T]
+    latent: Tensor | None = None  # [B, 1, M, M]
+    full_rows: bool = False
+    # Latents with no visible input; the official code gives them a uniform
+    # softmax over all T inputs (scores filled with -1e30). [B, M] or None.
+    uniform_rows: Tensor | None = None
+
+
+def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None) -> Masks:
+    """Masks of the official ``final_block`` style.
+
+    A latent on input s sees input j iff j <= s and x[j] != PAD (and, with the
+    mask form of cross-attend dropout, j was kept or j == s). Latents see
+    latents on the same or earlier inputs; invalid latents (-1) are hidden as
+    keys and see only themselves.
+    """
+    B, T = inputs.shape
+    M = latent_index.shape[1]
+    key_valid = inputs != PAD_ID  # [B, T]
+    if input_keep is None and T >= M and bool(key_valid.all()):
+        return Masks(full_rows=True)
+
+    j = torch.arange(T, device=inputs.device)
+    cross = (j[None, None, :] <= latent_index[:, :, None]) & key_valid[:, None, :]
+    if input_keep is not None:
+        own = j[None, None, :] == latent_index[:, :, None]
+        cross = cross & (input_keep[:, None, :] | own)
+    valid = latent_index >= 0
+    uniform_rows = None
+    if not bool(valid.all()):
+        # An invalid latent has no visible input. SDPA would return NaN for an
+        # all-False row, so let it see every key here and overwrite its output
+        # with the uniform mean afterwards (what a -1e30 fill produces).
+        cross = cross | ~valid[:, :, None]
+        uniform_rows = ~valid
+    latent = (latent_index[:, :, None] >= latent_index[:, None, :]) & valid[:, None, :]
+    latent = latent | torch.eye(M, dtype=torch.bool, device=inputs.device)
+    return Masks(cross=cross.unsqueeze(1), latent=latent.unsqueeze(1), uniform_rows=uniform_rows)
+
+
+def band_mask(num_queries: int, num_keys: int, device: torch.device) -> Tensor:
+    """The bottom-right causal mask: query m sees keys 0..num_keys - num_queries + m. [1, 1, Lq, Lk]."""
+    j = torch.arange(num_keys, device=device)
+    last = torch.arange(num_keys - num_queries, num_keys, device=device)
+    return (j[None, :] <= last[:, None])[None, None]
+
+
+def with_latent_dropout(masks: Masks, latent_index: Tensor, rate: float) -> Masks:
+    """Hide a random subset of latents as keys in the latent layers (diagonal kept)."""
+    B, M = latent_index.shape
+    latent = masks.latent
+    if latent is None:  # full rows: the plain causal mask
+        i = torch.arange(M, device=latent_index.device)
+        latent = (i[:, None] >= i[None, :]).expand(B, 1, M, M)
+    keep = torch.rand(B, M, device=latent_index.device) >= rate
+    eye = torch.eye(M, dtype=torch.bool, device=latent_index.device)
+    return replace(masks, latent=(latent & keep[:, None, None, :]) | eye)
+
+
+# ----------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------
+
+
+class PrefixCausalAttention(torch.autograd.Function):
+    """SDPA of M queries on T keys: all T - M prefix keys, then the last M causally.
+
+    Exactly ``softmax(q k^T + band mask) v`` for the full-row cross-attend,
+    without the [M, T] mask: SDPA on CPU converts a boolean mask into a float
+    copy four times its size in the forward and again in the backward, and
+    cannot skip masked blocks. Here two fused CPU flash kernels run (the prefix
+    unmasked, the last M keys with the square causal mask) and their outputs
+    merge by log-sum-exp. The backward of a key block needs only the merged
+    output and log-sum-exp, so it is exact too. q [B, H, M, dh], k and v
+    [B, H, T, dh] with T > M; CPU only.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        P = k.shape[2] - q.shape[2]  # prefix inputs visible to every latent
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_prefix, lse_prefix = flash(q, k[:, :, :P], v[:, :, :P], 0.0, False)
+        out_square, lse_square = flash(q, k[:, :, P:], v[:, :, P:], 0.0, True)
+        lse = torch.logaddexp(lse_prefix, lse_square)  # [B, H, M]
+        out = torch.exp(lse_prefix - lse)[..., None] * out_prefix
+        out.addcmul_(torch.exp(lse_square - lse)[..., None], out_square)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        P = k.shape[2] - q.shape[2]
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_out = grad_out.contiguous()
+        dq, dk_prefix, dv_prefix = backward(grad_out, q, k[:, :, :P], v[:, :, :P], out, lse, 0.0, False)
+        dq_square, dk_square, dv_square = backward(grad_out, q, k[:, :, P:], v[:, :, P:], out, lse, 0.0, True)
+        return dq + dq_square, torch.cat((dk_prefix, dk_square), 2), torch.cat((dv_prefix, dv_square), 2)
+
+
+def scaled_dot_product(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    uniform_rows: Tensor | None = None,
+    chunk_size: int = 0,
+) -> Tensor:
+    """Attention of q [B, H, Lq, dh] on k, v [B, H, Lk, dh]; the one place a kernel is chosen.
+
+    causal: bottom-right aligned (query i sees keys 0..Lk - Lq + i), for full
+    rows; no mask is ever built for it on CPU. mask: boolean
+    [B or 1, 1, Lq, Lk], True = attend (padding, dropout). Neither: every key
+    is visible. uniform_rows [B, Lq]: queries whose output is the mean of all
+    values (latents with nothing to see). chunk_size: run masked attention in
+    query chunks of this size (0: one chunk, or chunks of ``INFERENCE_CHUNK``
+    without autograd when the mask is large) to bound the mask's float copy and the workspace.
+    Returns [B, H, Lq, dh].
+    """
+    Lq, Lk = q.shape[2], k.shape[2]
+    if causal:
+        if Lq == Lk:  # decoder-only (M = T) and the latent layers: the square causal kernel
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if q.device.type == "cpu":  # two mask-free flash kernels merged by log-sum-exp
+            return PrefixCausalAttention.apply(q, k, v)
+        mask = band_mask(Lq, Lk, q.device)
+    if mask is not None and chunk_size <= 0 and Lq * Lk > AUTO_CHUNK_AREA and not torch.is_grad_enabled():
+        # SDPA on CPU turns a boolean mask into a float copy four times its
+        # size (+512 MB for M = 1024, T = 131,072). Without autograd, query
+        # chunks cost no time and bound that copy to chunk x T.
+        chunk_size = INFERENCE_CHUNK
+    if mask is None or chunk_size <= 0 or chunk_size >= Lq:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        pieces = []
+        for start in range(0, Lq, chunk_size):
+            rows = slice(start, start + chunk_size)
+            pieces.append(F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask[:, :, rows]))
+        out = torch.cat(pieces, dim=2)
+    if uniform_rows is not None:
+        out = torch.where(uniform_rows[:, None, :, None], v.mean(dim=2, keepdim=True), out)
+    return out
