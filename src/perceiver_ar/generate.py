@@ -26,6 +26,10 @@ from .config import PerceiverARConfig
 from .model import PerceiverAR
 from .vocab import PAD_ID
 
+# The one default sampling temperature of the library and every command: 1.0
+# draws from the model's own distribution; lower is more conservative, 0 is greedy.
+DEFAULT_TEMPERATURE = 1.0
+
 # ----------------------------------------------------------------------------
 # The KV cache
 # ----------------------------------------------------------------------------
@@ -148,7 +152,7 @@ def decode_one(model: PerceiverAR, token: Tensor, position: Tensor, cache: KVCac
 
 def sample(
     logits: Tensor,
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
@@ -317,7 +321,7 @@ def generate_stream(
     prompt: Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
@@ -423,7 +427,7 @@ def generate(
     prompt: Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
