@@ -8,9 +8,10 @@ logits = model(torch.randint(3, 259, (2, 64))).logits  # [2, 16, 259]
 import os
 
 # OpenMP threads that spin while waiting make small CPU steps many times
-# slower whenever anything else runs (DESIGN.md section 3). The policy is read
-# when torch starts, so it is set here, before our first torch import; a value
-# the user exported wins, and it has no effect if torch was imported earlier.
+# slower whenever anything else runs. The policy is read when torch starts, so
+# it is set here and only here: this file runs before any module of the
+# package imports torch (the CLI included). A value the user exported wins,
+# and it has no effect if torch was imported before perceiver_ar.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import PRESETS, PerceiverARConfig

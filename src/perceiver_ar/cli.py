@@ -28,9 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP spin-waiting makes small CPU steps many times slower when anything
-    # else runs; passive waiting must be set before torch starts its threads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

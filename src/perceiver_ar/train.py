@@ -48,6 +48,7 @@ from .data import crops_to_batch, make_sampler, max_position, targets_per_row
 from .evaluate import evaluate, unigram_log2p
 from .loss import perceiver_ar_loss, shift_events
 from .model import PerceiverAR
+from .runtime import setup_runtime
 from .store import TokenStore
 
 CHECKPOINTS = "checkpoints"
@@ -115,53 +116,6 @@ def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
     d["stop_at"] = 0  # a session setting: the resumed session runs on unless told otherwise
     d.update(overrides, out=str(run_dir), resume=True)
     return TrainConfig.from_dict(d)
-
-
-# ----------------------------------------------------------------------------
-# Device, precision and distributed policy: decided here and only here
-# ----------------------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None: plain fp32
-    rank: int
-    world_size: int
-    owns_process_group: bool = False  # this run joined it, so this run leaves it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Pick the device, precision and threads; join the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available: use --device cpu")
-        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(name)
-        # Share the cores between the local processes; more threads than cores thrash.
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {cfg.precision!r}")
-    owns = world_size > 1 and not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, torch.bfloat16 if precision == "bf16" else None, rank, world_size, owns)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -342,7 +296,7 @@ def check_model_fits_data(model_cfg: PerceiverARConfig, sampler: str, store: Tok
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a run; returns the final metrics, last eval and the run's paths."""
-    rt = setup_runtime(cfg)
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.threads, distributed=True)
     run_dir = Path(cfg.out)
     store = TokenStore(cfg.data)
     train_split = store.split("train")
@@ -413,7 +367,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"model: {model.num_parameters():,} parameters, N={model_cfg.context_len} "
             f"M={model_cfg.num_latents} E={model_cfg.input_dim} D={model_cfg.latent_dim} "
             f"L={model_cfg.num_latent_layers}; {rt.world_size} process(es) on {rt.device}, "
-            f"{'bf16 autocast' if rt.autocast_dtype else 'fp32'}"
+            f"{rt.precision}"
         )
 
     def log(record: dict[str, Any]) -> None:
@@ -490,12 +444,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             positions = torch.from_numpy(positions).to(rt.device)
             # Only the last micro-step syncs gradients across ranks.
             sync = micro == cfg.grad_accum - 1 or rt.world_size == 1
-            with (
-                contextlib.nullcontext() if sync else forward_model.no_sync(),
-                torch.autocast(
-                    rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None
-                ),
-            ):
+            with contextlib.nullcontext() if sync else forward_model.no_sync(), rt.autocast():
                 out = forward_model(inputs, positions)
                 loss = perceiver_ar_loss(out.logits, targets, out.latent_index, model_cfg.z_loss)
             (loss.total * (rt.world_size / global_targets)).backward()
@@ -552,10 +501,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics_file.close()
         if writer is not None:
             writer.close()
-    if rt.world_size > 1:
-        dist.barrier()  # nobody leaves before rank 0 has written the last checkpoint
-    if rt.owns_process_group:
-        dist.destroy_process_group()
+    rt.close()  # waits until rank 0 has written the last checkpoint
     return {
         "run_dir": str(run_dir),
         "model_dir": str(run_dir / "model"),

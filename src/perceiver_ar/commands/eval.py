@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..generate import DEFAULT_TEMPERATURE
+
     p = sub.add_parser(
         "eval",
         help="evaluate a model on a data store (bits per token and per byte)",
@@ -27,28 +29,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-tokens", type=int, help="score only about this many targets (documents in order)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     p.add_argument(
         "--sample", type=int, default=0, metavar="TOKENS", help="then print a sample of this many tokens"
     )
     p.add_argument("--prompt", help="the sample's prompt (default: the start of the first scored document)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"the sample's softmax temperature; 0 is greedy (default {DEFAULT_TEMPERATURE:g})",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..evaluate import evaluate_store
     from ..model import PerceiverAR
+    from ..runtime import setup_runtime
     from ..store import TokenStore
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rt = setup_runtime(args.device)  # auto precision: bf16 autocast on CUDA, fp32 on the CPU
     if not Path(args.model).exists():
         raise FileNotFoundError(f"{args.model} does not exist")
-    model = PerceiverAR.from_pretrained(args.model, map_location=device)
-    autocast = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device)
     result = evaluate_store(
         model,
         args.data,
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
-        autocast_dtype=autocast,
+        autocast_dtype=rt.autocast_dtype,
         progress=True,
     )
     print(

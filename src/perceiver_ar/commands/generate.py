@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..generate import DEFAULT_TEMPERATURE
+
     p = sub.add_parser(
         "generate",
         help="continue a text prompt with a saved model, streaming the text as it is produced",
@@ -22,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt-file", help="file holding the prompt text (UTF-8)")
     p.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate per sample")
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)"
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"softmax temperature; 0 is greedy (default {DEFAULT_TEMPERATURE:g}, the library's)",
     )
     p.add_argument("--top-k", type=int, default=None, help="draw only from the k most likely tokens")
     p.add_argument(
@@ -157,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import resolve_model_dir
     from ..generate import generate_stream
     from ..model import PerceiverAR
+    from ..runtime import setup_runtime
     from ..vocab import SOS_ID
 
     if args.max_new_tokens < 1:
@@ -164,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
     model_dir = resolve_model_dir(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Decoding runs in fp32 (no autocast) on the device the runtime picks.
+    device = setup_runtime(args.device, precision="fp32").device
     model = PerceiverAR.from_pretrained(str(model_dir), map_location=device).eval()
     tokenizer = load_tokenizer(model_dir, args.tokenizer, model.config.vocab_size)
     text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
