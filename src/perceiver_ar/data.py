@@ -165,20 +165,55 @@ def prepare_text(
 # ----------------------------------------------------------------------------
 
 
+# "axes": (row, column, channel) per token for absolute per-axis tables;
+# "flat": 1..length, for rotary over the flat sequence.
+IMAGE_POSITION_KINDS = ("axes", "flat")
+
+
+def image_positions(shape: tuple[int, int, int], start: int, length: int) -> np.ndarray:
+    """Absolute (row, column, channel) indices of image document tokens start..start+length-1.
+
+    Token 0 of a document is SOS at (0, 0, 0); token i >= 1 is subpixel i - 1
+    at (row + 1, column + 1, channel + 1), subpixels in raster order with the
+    channels of a pixel interleaved. Returns int64 [length, 3].
+    """
+    H, W, C = shape
+    i = np.arange(start, start + length, dtype=np.int64)
+    if length and (i[0] < 0 or i[-1] > H * W * C):
+        raise ValueError(
+            f"tokens {start}..{start + length - 1} lie outside an image document of shape {shape}"
+        )
+    k = i - 1  # subpixel index; -1 for SOS
+    pos = np.stack([k // (W * C) + 1, (k // C) % W + 1, k % C + 1], axis=1)
+    pos[i == 0] = 0
+    return pos
+
+
+def crop_positions(meta: dict[str, Any], start: int, length: int) -> np.ndarray:
+    """Positions of document tokens start..start+length-1 of an image store.
+
+    ``meta["image_positions"]`` is "axes" (the official per-axis tables:
+    [length, 3]) or "flat" (1-based over the sequence: [length], for rotary).
+    """
+    kind = meta.get("image_positions", "axes")
+    if kind == "flat":
+        return np.arange(start + 1, start + length + 1, dtype=np.int64)
+    if kind != "axes":
+        raise ValueError(f"unknown image_positions {kind!r} in the store's meta.json: 'axes' or 'flat'")
+    return image_positions(tuple(meta["image_shape"]), start, length)
+
+
 def positions_for_crop(meta: dict[str, Any], start: int, length: int) -> np.ndarray:
     """1-based positions of ``length`` events starting at document index ``start``.
 
-    Text (and every 1-D modality): [length] = start+1 .. start+length. A
-    modality with several position axes returns [length, axes].
+    Text (and every 1-D modality): [length] = start+1 .. start+length. Images
+    follow their store's ``image_positions``: [length, 3] (row, column,
+    channel) for the official per-axis tables, or flat 1-D positions.
     """
     modality = meta.get("modality", "text")
     if modality in ("text", "music", "audio", "copy", "tokens"):
         return np.arange(start + 1, start + length + 1, dtype=np.int64)
     if modality == "image":
-        # [length, 3] (row, column, channel) for the official per-axis
-        # tables, or flat 1-D positions, as the store was prepared.
-        from .modalities.images import crop_positions
-
         return crop_positions(meta, start, length)
     raise ValueError(f"no position rule for modality {modality!r}")
 

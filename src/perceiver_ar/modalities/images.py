@@ -9,7 +9,8 @@ shape, recorded in ``meta["image_shape"]`` = [H, W, C].
 Positions: rotary over the flat sequence works as for text; the official
 image option sums three absolute tables (row, column, channel), for which
 ``image_positions`` gives the [length, 3] indices of any crop of a document
-(1-based per axis; the SOS token sits at (0, 0, 0)).
+(1-based per axis; the SOS token sits at (0, 0, 0)). Both rules live in
+``perceiver_ar.data``, which cuts the training crops, and are named here too.
 
 Sources: a folder of PNG/JPEG files or .npy/.npz arrays (resized or cropped
 to a stated size), Fashion-MNIST from its gzipped IDX files (Debian package
@@ -27,6 +28,10 @@ from typing import Any
 
 import numpy as np
 
+# The position rule lives with the batches that use it (data.py); named here too.
+from ..data import IMAGE_POSITION_KINDS as POSITION_KINDS
+from ..data import crop_positions as crop_positions
+from ..data import image_positions as image_positions
 from ..store import StoreWriter
 from ..vocab import SOS_ID, TOKEN_OFFSET
 from . import assign_splits, describe, find_files, handle_bad_file, split_keys
@@ -34,9 +39,6 @@ from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 VOCAB_SIZE = 256 + TOKEN_OFFSET
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
-# "axes": (row, column, channel) per token for absolute per-axis tables;
-# "flat": 1..length, for rotary over the flat sequence.
-POSITION_KINDS = ("axes", "flat")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train": "train-images-idx3-ubyte.gz",
@@ -92,38 +94,6 @@ def position_table_sizes(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     """Rows of the row, column and channel tables for images of ``shape``."""
     H, W, C = shape
     return (H + 1, W + 1, C + 1)
-
-
-def image_positions(shape: tuple[int, int, int], start: int, length: int) -> np.ndarray:
-    """Absolute (row, column, channel) indices of document tokens start..start+length-1.
-
-    Token 0 of a document is SOS at (0, 0, 0); token i >= 1 is subpixel i - 1
-    at (row + 1, column + 1, channel + 1). Returns int64 [length, 3].
-    """
-    H, W, C = shape
-    i = np.arange(start, start + length, dtype=np.int64)
-    if length and (i[0] < 0 or i[-1] > H * W * C):
-        raise ValueError(
-            f"tokens {start}..{start + length - 1} lie outside an image document of shape {shape}"
-        )
-    k = i - 1  # subpixel index; -1 for SOS
-    pos = np.stack([k // (W * C) + 1, (k // C) % W + 1, k % C + 1], axis=1)
-    pos[i == 0] = 0
-    return pos
-
-
-def crop_positions(meta: dict[str, Any], start: int, length: int) -> np.ndarray:
-    """Positions of document tokens start..start+length-1 of an image store.
-
-    ``meta["image_positions"]`` is "axes" (the official per-axis tables:
-    [length, 3]) or "flat" (1-based over the sequence: [length], for rotary).
-    """
-    kind = meta.get("image_positions", "axes")
-    if kind == "flat":
-        return np.arange(start + 1, start + length + 1, dtype=np.int64)
-    if kind != "axes":
-        raise ValueError(f"unknown image_positions {kind!r} in the store's meta.json: 'axes' or 'flat'")
-    return image_positions(tuple(meta["image_shape"]), start, length)
 
 
 # ----------------------------------------------------------------------------
