@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from perceiver_ar import from_official, generate, generate_stream
-from perceiver_ar.generate import KVCache, KVSlots, prefill, sample
+from perceiver_ar.generate import prefill, sample
+from perceiver_ar.kv_cache import KVCache, KVSlots
 from perceiver_ar.vocab import PAD_ID
 from tests.conftest import GOLDEN_DIR, make_model
 
@@ -233,6 +234,29 @@ def test_sample_never_emits_filtered_tokens():
         for _ in range(200):
             ids = sample(logits, 1.0, top_p=top_p, generator=g)
             assert all(int(ids[b]) in nuclei[b] for b in range(4)), (top_p, ids, nuclei)
+
+
+def test_allowed_tokens_are_the_only_draws():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, generator=g) * 3
+    allowed = [5, 9, 17, 30]
+    logits[:, 2] = 100.0  # far the most likely, but not allowed
+    seen = set()
+    for _ in range(100):
+        ids = sample(logits, 2.0, generator=g, allowed_tokens=allowed)
+        assert set(ids.tolist()) <= set(allowed)
+        seen.update(ids.tolist())
+    assert len(seen) > 1
+    best = torch.tensor([max(allowed, key=lambda i: float(logits[b, i])) for b in range(3)])
+    assert torch.equal(sample(logits, 0, allowed_tokens=allowed), best)  # greedy among the allowed
+    assert torch.equal(sample(logits, 1.0, top_k=1, generator=g, allowed_tokens=torch.tensor(allowed)), best)
+    model = make_model()
+    out = generate(model, random_prompt(2, 5), 30, seed=3, allowed_tokens=range(100, 110)).tokens
+    assert out.min() >= 100 and out.max() < 110
+    with pytest.raises(ValueError, match="allowed_tokens must lie"):
+        generate(model, random_prompt(1, 4), 3, allowed_tokens=[3, 10_000])
+    with pytest.raises(ValueError, match="other than PAD"):
+        generate(model, random_prompt(1, 4), 3, allowed_tokens=[PAD_ID])
 
 
 def test_generate_respects_top_k_and_top_p():

@@ -25,7 +25,7 @@ AUTO_CHUNK_AREA = 1 << 20  # masks of more query x key entries than this are chu
 
 
 # ----------------------------------------------------------------------------
-# The KV cache protocol (implemented by perceiver_ar.generate)
+# The KV cache protocol (implemented by perceiver_ar.kv_cache)
 # ----------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Generation: the KV cache, prime / decode one token / reset, sampling, streaming.
+"""Generation: prime / decode one token / reset, sampling, streaming (the cache: ``kv_cache.py``).
 
 Cached generation follows the official sampler (sample_utils.py): the prompt
 is primed with one forward that hosts a single latent and fills the caches;
@@ -23,107 +23,13 @@ import torch
 from torch import Tensor
 
 from .config import PerceiverARConfig
+from .kv_cache import KVCache
 from .model import PerceiverAR
 from .vocab import PAD_ID
 
 # The one default sampling temperature of the library and every command: 1.0
 # draws from the model's own distribution; lower is more conservative, 0 is greedy.
 DEFAULT_TEMPERATURE = 1.0
-
-# ----------------------------------------------------------------------------
-# The KV cache
-# ----------------------------------------------------------------------------
-
-
-class KVSlots:
-    """Preallocated keys and values of one attention layer, [B, H, S, dh], written by index.
-
-    The keys are stored after projection and rotary, so a cached key never
-    needs its position again. Slots [0, length) are valid. An empty cache
-    takes a whole block at once (the prime or a reset); after that, one entry
-    per step. ``ring`` (the cross-attend cache) lets writes wrap around once
-    all S slots are full, overwriting the oldest input: the window slides.
-    Order within the cache does not matter, because the one new query sees
-    every cached entry.
-    """
-
-    def __init__(self, batch_size: int, num_heads: int, slots: int, head_dim: int, ring: bool, **factory):
-        self.k = torch.zeros(batch_size, num_heads, slots, head_dim, **factory)
-        self.v = torch.zeros_like(self.k)
-        self.ring = ring
-        self.length = 0  # valid slots
-        self.next = 0  # slot the next step writes
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def clear(self) -> None:
-        self.length = self.next = 0  # stale slots are never read, so nothing is zeroed
-
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new keys/values [B, H, T, dh]; return every valid one to attend to."""
-        T = k.shape[2]
-        if self.length == 0:
-            if T > self.capacity:
-                raise ValueError(f"{T} entries do not fit a cache of {self.capacity} slots")
-            self.k[:, :, :T] = k
-            self.v[:, :, :T] = v
-            self.length = self.next = T
-            return k, v  # the same values, kept contiguous for the block-causal forward
-        if T != 1:
-            raise ValueError(f"a filled cache takes one entry per step, got {T}")
-        if self.next == self.capacity:
-            if not self.ring:
-                raise ValueError("the latent cache is full: reset it with a full forward first")
-            self.next = 0
-        self.k[:, :, self.next] = k[:, :, 0]
-        self.v[:, :, self.next] = v[:, :, 0]
-        self.next += 1
-        self.length = min(self.length + 1, self.capacity)
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-
-class KVCache:
-    """Every cache one generation needs: N cross-attend slots and M slots per latent layer.
-
-    Owned by the generator and passed to ``model(..., cache=cache)``; it is not
-    a module, so it never appears in a ``state_dict``.
-    """
-
-    def __init__(
-        self,
-        config: PerceiverARConfig,
-        batch_size: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        cfg = config
-        factory = dict(device=device, dtype=dtype)
-        self.batch_size = batch_size
-        self.cross = KVSlots(
-            batch_size, cfg.cross_attend_heads, cfg.context_len, cfg.cross_attend_head_dim, True, **factory
-        )
-        self.latent = [
-            KVSlots(batch_size, cfg.latent_heads, cfg.num_latents, cfg.latent_head_dim, False, **factory)
-            for _ in range(cfg.num_latent_layers)
-        ]
-
-    @classmethod
-    def for_model(cls, model: PerceiverAR, batch_size: int) -> KVCache:
-        p = next(model.parameters())
-        return cls(model.config, batch_size, device=p.device, dtype=p.dtype)
-
-    @property
-    def num_inputs(self) -> int:
-        """Inputs whose keys/values are cached (the window, at most N)."""
-        return self.cross.length
-
-    def clear(self) -> None:
-        self.cross.clear()
-        for layer in self.latent:
-            layer.clear()
-
 
 # ----------------------------------------------------------------------------
 # Prefill, decode one token, sample
@@ -156,14 +62,21 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    allowed_tokens: Sequence[int] | Tensor | None = None,
 ) -> Tensor:
     """One id per row from logits [B, V]; temperature 0 is greedy.
 
-    top_k keeps the k largest logits, top_p the smallest set of most likely
-    ids whose probability reaches p; the rest can never be drawn. PAD is never
-    drawn: inside a window it would read as the end of the sequence.
+    allowed_tokens, when given, are the only ids that can be drawn (an image
+    model draws pixel ids only); top_k and top_p then choose among them: top_k
+    keeps the k largest logits, top_p the smallest set of most likely ids whose
+    probability reaches p; the rest can never be drawn. PAD is never drawn:
+    inside a window it would read as the end of the sequence.
     """
     logits = logits.float().clone()
+    if allowed_tokens is not None:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[torch.as_tensor(allowed_tokens, device=logits.device)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     logits[:, PAD_ID] = float("-inf")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -180,6 +93,24 @@ def sample(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _allowed_ids(allowed_tokens, vocab_size: int, device: torch.device) -> Tensor | None:
+    """``allowed_tokens`` checked and as a LongTensor on ``device``, once per generation."""
+    if allowed_tokens is None:
+        return None
+    ids = torch.as_tensor(allowed_tokens if torch.is_tensor(allowed_tokens) else list(allowed_tokens))
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError("allowed_tokens must be a list (or 1-D tensor) of integer token ids")
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"allowed_tokens must lie in [0, {vocab_size}), got ids {int(ids.min())}..{int(ids.max())}"
+        )
+    if not bool((ids != PAD_ID).any()):
+        raise ValueError(
+            f"allowed_tokens must hold at least one id other than PAD ({PAD_ID}), which is never drawn"
+        )
+    return ids.long().to(device)
 
 
 # ----------------------------------------------------------------------------
@@ -329,6 +260,7 @@ def generate_stream(
     reset_fill: int | None = None,
     positions: Tensor | None = None,
     stop_tokens: Sequence[int] | None = None,
+    allowed_tokens: Sequence[int] | Tensor | None = None,
 ) -> Iterator[GenerationStep]:
     """An iterator of one ``GenerationStep`` per new token; the arguments are ``generate``'s.
 
@@ -356,7 +288,10 @@ def generate_stream(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
     cache = KVCache.for_model(model, B) if use_cache else None
     history = _History(prompt, positions, max_new_tokens, cfg)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    allowed = _allowed_ids(allowed_tokens, cfg.vocab_size, device)
+    sampling = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, allowed_tokens=allowed
+    )
     # Arguments are checked above, when generate_stream is called; the steps
     # run as the caller iterates.
     return _steps(model, history, cache, max_new_tokens, fill, sampling, stop)
@@ -435,6 +370,7 @@ def generate(
     reset_fill: int | None = None,
     positions: Tensor | None = None,
     stop_tokens: Sequence[int] | None = None,
+    allowed_tokens: Sequence[int] | Tensor | None = None,
 ) -> GenerationOutput:
     """Continue each row of ``prompt`` by up to ``max_new_tokens`` tokens.
 
@@ -446,7 +382,9 @@ def generate(
     positions: [B, T] 1-based positions of the prompt (default 1..T), new
     tokens continuing from the last; or [B, T + max_new_tokens] (or
     [B, T + max_new_tokens, axes] for several position tables) for every token
-    to come. stop_tokens end a row once drawn.
+    to come. stop_tokens end a row once drawn. allowed_tokens: the only ids
+    that may be drawn (default: any but PAD), for example an image model's
+    pixel ids ``range(3, 259)``.
     """
     steps = generate_stream(
         model,
@@ -460,6 +398,7 @@ def generate(
         reset_fill=reset_fill,
         positions=positions,
         stop_tokens=stop_tokens,
+        allowed_tokens=allowed_tokens,
     )
     device = next(model.parameters()).device
     B = 1 if torch.as_tensor(prompt).dim() == 1 else len(prompt)
