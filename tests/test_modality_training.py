@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from perceiver_ar.modalities import audio as au
 from perceiver_ar.modalities import images as im
 from perceiver_ar.modalities import music as mu
-from perceiver_ar.modalities.outputs import load_model_dir, render, sample_uncached, score
+from perceiver_ar.model import PerceiverAR
+from perceiver_ar.render import render, score
 from perceiver_ar.store import TokenStore
 from perceiver_ar.train import TrainConfig, train
 
@@ -37,7 +37,7 @@ def train_tiny(data, out, **model):
         threads=1,
     )
     train(cfg)
-    return load_model_dir(out)
+    return PerceiverAR.from_pretrained(out)
 
 
 def test_image_training_with_per_axis_positions_scores_and_renders(tmp_path):
@@ -73,27 +73,6 @@ def test_image_training_with_per_axis_positions_scores_and_renders(tmp_path):
     scored = json.loads((tmp_path / "cli" / "score.json").read_text())
     assert scored["bits_per_dim"] == pytest.approx(result["bits_per_dim"], abs=1e-5)
     assert (tmp_path / "cli" / "samples.png").is_file()
-
-
-def test_uncached_image_sampler_keeps_prompt_and_allowed_ids():
-    from perceiver_ar.config import PerceiverARConfig
-    from perceiver_ar.model import PerceiverAR
-
-    torch.manual_seed(0)
-    cfg = PerceiverARConfig.from_preset(
-        "tiny", position_encoding="absolute", position_table_sizes=(3, 3, 2), final_layer_init_zeros=False
-    )
-    model = PerceiverAR(cfg)
-    meta = im.image_meta((2, 2, 1), "t")
-    prompt = np.array([[2, 10, 20], [2, 30, 40]])
-    new = sample_uncached(
-        model, prompt, 2, lambda s, n: im.crop_positions(meta, s, n), seed=0, allowed=(3, 259)
-    )
-    assert new.shape == (2, 2) and new.min() >= 3 and new.max() < 259
-    again = sample_uncached(
-        model, prompt, 2, lambda s, n: im.crop_positions(meta, s, n), seed=0, allowed=(3, 259)
-    )
-    assert np.array_equal(new, again)
 
 
 def test_image_training_with_flat_rotary_positions_uses_cached_generation(tmp_path):

@@ -7,6 +7,8 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..generate import DEFAULT_TEMPERATURE
+
     p = sub.add_parser(
         "render",
         help="score a model on an image/music/audio store and write samples as PNG, MIDI or WAV",
@@ -24,22 +26,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-score", action="store_true", help="skip the metric")
     p.add_argument("--no-samples", action="store_true", help="skip generation")
     p.add_argument("--num-samples", type=int, default=8, help="samples/continuations to generate (default 8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"softmax temperature; 0 is greedy (default {DEFAULT_TEMPERATURE:g}, the library's)",
+    )
+    p.add_argument("--top-k", type=int, default=None, help="draw only from the k most likely tokens")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="draw only from the smallest set holding p of the mass"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed (default 0): image samples use it, completions seed+1, music piece n seed+n",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..modalities.outputs import load_model_dir, render, score
+    from ..model import PerceiverAR
+    from ..render import render, score
+    from ..runtime import setup_runtime
     from ..store import TokenStore
 
-    model = load_model_dir(args.model)
+    # Scoring takes the runtime's precision (bf16 autocast on CUDA, as eval);
+    # generation runs in fp32, as `perceiver-ar generate` does.
+    rt = setup_runtime(args.device)
+    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device)
     store = TokenStore(args.data)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.no_score:
-        result = score(model, store, args.split, num_latents=args.num_latents, max_tokens=args.max_tokens)
+        result = score(
+            model,
+            store,
+            args.split,
+            num_latents=args.num_latents,
+            max_tokens=args.max_tokens,
+            autocast_dtype=rt.autocast_dtype,
+        )
         (Path(args.out) / "score.json").write_text(json.dumps(result, indent=2) + "\n")
         extra = f" ({result['nll_per_event_nats']:.4f} nats)" if "nll_per_event_nats" in result else ""
         print(
@@ -53,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             num_samples=args.num_samples,
             temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
             seed=args.seed,
         )
         for name in out["files"].values():

@@ -1,9 +1,10 @@
 """A trained model's results in its modality: the metric on held-out data and generated files.
 
-``score`` runs the block evaluation of ``perceiver_ar.evaluate`` on a split
-and names the number as each field does: bits per dimension for images
-(every subpixel sees the whole image before it when N covers an image),
-negative log-likelihood per event for music, bits per sample for audio.
+The application layer over the library (it sits above ``modalities``, below
+the commands). ``score`` runs the block evaluation of ``perceiver_ar.evaluate``
+on a split and names the number as each field does: bits per dimension for
+images (every subpixel sees the whole image before it when N covers an
+image), negative log-likelihood per event for music, bits per sample for audio.
 
 ``render`` writes what people look at or listen to:
 
@@ -11,11 +12,17 @@ negative log-likelihood per event for music, bits per sample for audio.
   (the top half of test images given, the bottom half generated, next to
   the originals);
 - music: ``.mid`` continuations of held-out pieces and their piano rolls;
-- audio: WAV continuations of a test file and their spectrograms.
+- audio: WAV continuations of a test file and their spectrograms;
 
-Generation goes through ``perceiver_ar.generate`` (cached). Images stored
-with per-axis positions need positions the cached sampler cannot continue
-(it follows one axis), so they use a short uncached loop here.
+and ``tokens.npz``, the ids each generation drew. Every token is drawn by the
+one sampler, ``perceiver_ar.generate.generate`` (cached), fed the store's
+positions for every token to come (per-axis (row, column, channel) ones for
+images prepared with ``--positions axes``). Images draw pixel ids only
+(``allowed_tokens``). Temperature, top-k and top-p mean what they mean to
+``generate``; each generation is one ``generate`` call with its own seed: the
+image samples use ``seed``, the completions ``seed + 1``; music piece n uses
+``seed + n``; the audio continuations ``seed``. The same call to ``generate``
+reproduces a file's tokens exactly.
 """
 
 from __future__ import annotations
@@ -24,22 +31,23 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..model import PerceiverAR
-from ..store import TokenStore
-from ..vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
+from .data import positions_for_crop
+from .evaluate import evaluate
+from .generate import DEFAULT_TEMPERATURE, generate
+from .modalities import audio, images, music
+from .model import PerceiverAR
+from .store import TokenStore
+from .vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 
 METRIC_NAMES = {"image": "bits_per_dim", "music": "bits_per_event", "audio": "bits_per_sample"}
-
-
-def load_model_dir(path: str | os.PathLike) -> PerceiverAR:
-    """A model directory, or a run directory holding ``model/``."""
-    return PerceiverAR.from_pretrained(path)
+PIXEL_IDS = range(TOKEN_OFFSET, TOKEN_OFFSET + 256)  # what an image model may draw
 
 
 def modality_of(meta: dict[str, Any]) -> str:
@@ -65,11 +73,13 @@ def score(
     num_latents: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The modality's metric on ``split`` under the block protocol (first ``max_tokens`` targets)."""
-    from ..evaluate import evaluate
+    """The modality's metric on ``split`` under the block protocol (first ``max_tokens`` targets).
 
+    ``autocast_dtype``: as ``evaluate``'s (the command passes the runtime's precision).
+    """
     modality = modality_of(store.meta)
     if store.vocab_size > model.config.vocab_size:
         raise ValueError(f"the store's vocabulary ({store.vocab_size}) is larger than the model's")
@@ -81,6 +91,7 @@ def score(
         meta=store.meta,
         batch_size=batch_size,
         max_tokens=max_tokens,
+        autocast_dtype=autocast_dtype,
         progress=progress,
     )
     bits = result["bits_per_token"]
@@ -99,71 +110,36 @@ def score(
 # ----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_uncached(
-    model: PerceiverAR,
-    prompt: np.ndarray,
-    max_new_tokens: int,
-    positions_fn,
-    temperature: float = 1.0,
-    seed: int = 0,
-    allowed: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Uncached sampling for positions the cached sampler cannot continue (per-axis images).
-
-    prompt [B, T] ids; ``positions_fn(start, length)`` gives the document
-    positions of tokens start..start+length-1; ``allowed`` limits draws to ids
-    in [lo, hi). One forward with one latent per new token. Returns [B, new].
-    """
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tokens = torch.from_numpy(np.array(prompt, dtype=np.int64)).to(device)
-    B = tokens.shape[0]
-    N = model.config.context_len
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            start = max(0, tokens.shape[1] - N)
-            window = tokens[:, start:]
-            pos = torch.as_tensor(positions_fn(start, window.shape[1]), device=device)
-            pos = pos.unsqueeze(0).expand(B, *pos.shape)
-            logits = model(window, pos, num_latents=1).logits[:, -1].float().cpu()
-            if allowed is not None:
-                mask = torch.full_like(logits, float("-inf"))
-                mask[:, allowed[0] : allowed[1]] = 0
-                logits = logits + mask
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
-            tokens = torch.cat([tokens, nxt.to(device)[:, None]], dim=1)
-    finally:
-        model.train(was_training)
-    return tokens[:, -max_new_tokens:].cpu().numpy() if max_new_tokens else np.zeros((B, 0), np.int64)
-
-
 def continue_tokens(
     model: PerceiverAR,
+    meta: dict[str, Any],
     prompt: np.ndarray,
     max_new_tokens: int,
+    sampling: dict[str, Any],
     *,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int = 0,
+    seed: int,
     stop_tokens: list[int] | None = None,
+    allowed_tokens: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Cached generation (``perceiver_ar.generate``) of [B, new] ids after prompt [B, T]."""
-    from ..generate import generate
+    """[B, new] ids after prompt [B, T] by one ``generate`` call (PAD after a stop token).
 
+    The prompt and every token to come get positions by the store's rule
+    (``positions_for_crop``) counted from the prompt's first token, so
+    per-axis image positions continue the way the model was trained.
+    ``sampling``: temperature, top_k, top_p.
+    """
+    prompt = np.asarray(prompt, dtype=np.int64)
+    B, T = prompt.shape
+    planned = torch.from_numpy(positions_for_crop(meta, 0, T + max_new_tokens))
     out = generate(
         model,
-        torch.from_numpy(np.array(prompt, dtype=np.int64)),
+        torch.from_numpy(prompt),
         max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
+        positions=planned.expand(B, *planned.shape),
         seed=seed,
         stop_tokens=stop_tokens,
+        allowed_tokens=allowed_tokens,
+        **sampling,
     )
     return out.tokens.cpu().numpy()
 
@@ -173,47 +149,45 @@ def continue_tokens(
 # ----------------------------------------------------------------------------
 
 
-def render_images(
-    model: PerceiverAR, store: TokenStore, out_dir: Path, num_samples: int, temperature: float, seed: int
-) -> dict[str, Any]:
-    from .images import crop_positions, save_grid, tokens_to_image
+def _test_split(store: TokenStore):
+    return store.split("test" if "test" in store.split_names else store.split_names[-1])
 
+
+def render_images(
+    model: PerceiverAR, store: TokenStore, out_dir: Path, num_samples: int, sampling: dict, seed: int
+) -> dict[str, Any]:
     meta = store.meta
     shape = tuple(meta["image_shape"])
     n_sub = int(np.prod(shape))
-    split = store.split("test" if "test" in store.split_names else store.split_names[-1])
+    split = _test_split(store)
     k = min(num_samples, len(split))
     half = (shape[0] // 2) * shape[1] * shape[2]  # subpixels of the top half
-    data_ids = (TOKEN_OFFSET, TOKEN_OFFSET + 256)
-
-    def draw(prompt: np.ndarray, new: int, s: int) -> np.ndarray:
-        if meta.get("image_positions", "axes") == "flat":
-            out = continue_tokens(model, prompt, new, temperature=temperature, seed=s)
-            return np.where(out >= TOKEN_OFFSET, out, TOKEN_OFFSET)  # a stray special id draws black
-        return sample_uncached(
-            model, prompt, new, lambda a, n: crop_positions(meta, a, n), temperature, s, allowed=data_ids
-        )
-
     t0 = time.perf_counter()
-    uncond = draw(np.full((num_samples, 1), SOS_ID), n_sub, seed)
-    samples = [tokens_to_image(row, shape) for row in uncond]
+    draw = dict(sampling=sampling, allowed_tokens=PIXEL_IDS)
+    uncond = continue_tokens(model, meta, np.full((num_samples, 1), SOS_ID), n_sub, seed=seed, **draw)
+    samples = [images.tokens_to_image(row, shape) for row in uncond]
     originals = [np.asarray(split[i]) for i in range(k)]
     prompts = np.stack([doc[: 1 + half] for doc in originals])
-    rest = draw(prompts, n_sub - half, seed + 1)
-    completions = [tokens_to_image(np.concatenate([p, r]), shape) for p, r in zip(prompts, rest, strict=True)]
+    rest = continue_tokens(model, meta, prompts, n_sub - half, seed=seed + 1, **draw)
+    completions = [
+        images.tokens_to_image(np.concatenate([p, r]), shape) for p, r in zip(prompts, rest, strict=True)
+    ]
     seconds = time.perf_counter() - t0
     scale = max(1, 96 // max(shape[:2]))
     files = {
-        "samples": str(save_grid(samples, out_dir / "samples.png", ncols=min(8, num_samples), scale=scale)),
+        "samples": str(
+            images.save_grid(samples, out_dir / "samples.png", ncols=min(8, num_samples), scale=scale)
+        ),
         # Row 1: the originals; row 2: top half given, bottom half generated.
         "completions": str(
-            save_grid(
-                [tokens_to_image(d, shape) for d in originals] + completions,
+            images.save_grid(
+                [images.tokens_to_image(d, shape) for d in originals] + completions,
                 out_dir / "completions.png",
                 ncols=k,
                 scale=scale,
             )
         ),
+        "tokens": _save_tokens(out_dir, samples=uncond, completions=rest),
     }
     return {"files": files, "generation_seconds": seconds}
 
@@ -223,46 +197,45 @@ def render_music(
     store: TokenStore,
     out_dir: Path,
     num_samples: int,
-    temperature: float,
+    sampling: dict,
     seed: int,
     prompt_events: int = 256,
     new_events: int = 512,
 ) -> dict[str, Any]:
-    from .music import save_piano_roll, tokens_to_midi, tokens_to_notes
-
-    split = store.split("test" if "test" in store.split_names else store.split_names[-1])
+    split = _test_split(store)
     docs = [np.asarray(split[i]) for i in range(len(split)) if len(split[i]) > prompt_events + 1]
     if not docs:
         raise ValueError(f"no held-out piece is longer than the {prompt_events}-event prompt")
     files: dict[str, str] = {}
+    drawn: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
     for n, doc in enumerate(docs[:num_samples]):
         prompt = doc[:prompt_events][None]
-        new = continue_tokens(
-            model, prompt, new_events, temperature=temperature, seed=seed + n, stop_tokens=[EOS_ID]
-        )
-        new = new[0][: int(np.argmax(new[0] == EOS_ID)) if (new[0] == EOS_ID).any() else None]
+        row = continue_tokens(
+            model, store.meta, prompt, new_events, sampling, seed=seed + n, stop_tokens=[EOS_ID]
+        )[0]
+        drawn[f"continuation_{n}"] = row
+        new = row[: int(np.argmax(row == EOS_ID)) if (row == EOS_ID).any() else None]
         full = np.concatenate([prompt[0], new])
         prompt_end = _event_seconds(prompt[0])
-        files[f"continuation_{n}_mid"] = str(tokens_to_midi(full, out_dir / f"continuation_{n}.mid"))
+        files[f"continuation_{n}_mid"] = str(music.tokens_to_midi(full, out_dir / f"continuation_{n}.mid"))
         files[f"continuation_{n}_png"] = str(
-            save_piano_roll(
-                tokens_to_notes(full),
+            music.save_piano_roll(
+                music.tokens_to_notes(full),
                 out_dir / f"continuation_{n}.png",
                 title=f"held-out piece {n}: prompt (left of the red line) and {len(new)} generated events",
                 split_at=prompt_end,
             )
         )
-        files[f"original_{n}_mid"] = str(tokens_to_midi(doc, out_dir / f"original_{n}.mid"))
+        files[f"original_{n}_mid"] = str(music.tokens_to_midi(doc, out_dir / f"original_{n}.mid"))
+    files["tokens"] = _save_tokens(out_dir, **drawn)
     return {"files": files, "generation_seconds": time.perf_counter() - t0}
 
 
 def _event_seconds(tokens: np.ndarray) -> float:
     """Seconds the time shifts of a token sequence add up to."""
-    from .music import TIME_SHIFT, VELOCITY
-
     e = np.asarray(tokens, dtype=np.int64) - TOKEN_OFFSET
-    shifts = e[(e >= TIME_SHIFT) & (e < VELOCITY)] - TIME_SHIFT + 1
+    shifts = e[(e >= music.TIME_SHIFT) & (e < music.VELOCITY)] - music.TIME_SHIFT + 1
     return float(shifts.sum()) * 0.01
 
 
@@ -271,32 +244,29 @@ def render_audio(
     store: TokenStore,
     out_dir: Path,
     num_samples: int,
-    temperature: float,
+    sampling: dict,
     seed: int,
     prompt_seconds: float = 1.0,
     new_seconds: float = 2.0,
     offset_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    from .audio import save_spectrogram, tokens_to_samples, write_wav
-
     rate = int(store.meta["sample_rate"])
-    split = store.split("test" if "test" in store.split_names else store.split_names[-1])
-    doc = np.asarray(split[0])
+    doc = np.asarray(_test_split(store)[0])
     n_prompt, n_new = int(prompt_seconds * rate), int(new_seconds * rate)
     # A prompt longer than N is fine: the sampler sees its last N samples.
     start = min(int(offset_seconds * rate), max(1, len(doc) - n_prompt - 1))
     prompt = np.repeat(doc[start : start + n_prompt][None], num_samples, axis=0)
     t0 = time.perf_counter()
-    new = continue_tokens(model, prompt, n_new, temperature=temperature, seed=seed)
+    new = continue_tokens(model, store.meta, prompt, n_new, sampling, seed=seed)
     seconds = time.perf_counter() - t0
     files: dict[str, str] = {}
-    original = tokens_to_samples(doc[start : start + n_prompt + n_new])
-    files["original_wav"] = str(write_wav(out_dir / "original.wav", original, rate))
+    original = audio.tokens_to_samples(doc[start : start + n_prompt + n_new])
+    files["original_wav"] = str(audio.write_wav(out_dir / "original.wav", original, rate))
     for n in range(num_samples):
-        wav = tokens_to_samples(np.concatenate([prompt[n], new[n]]))
-        files[f"continuation_{n}_wav"] = str(write_wav(out_dir / f"continuation_{n}.wav", wav, rate))
+        wav = audio.tokens_to_samples(np.concatenate([prompt[n], new[n]]))
+        files[f"continuation_{n}_wav"] = str(audio.write_wav(out_dir / f"continuation_{n}.wav", wav, rate))
         files[f"continuation_{n}_png"] = str(
-            save_spectrogram(
+            audio.save_spectrogram(
                 wav,
                 rate,
                 out_dir / f"continuation_{n}.png",
@@ -305,11 +275,19 @@ def render_audio(
             )
         )
     files["original_png"] = str(
-        save_spectrogram(
+        audio.save_spectrogram(
             original, rate, out_dir / "original.png", title="the test file itself", split_at=n_prompt / rate
         )
     )
+    files["tokens"] = _save_tokens(out_dir, continuations=new)
     return {"files": files, "generation_seconds": seconds, "new_samples": int(n_new * num_samples)}
+
+
+def _save_tokens(out_dir: Path, **arrays: np.ndarray) -> str:
+    """``tokens.npz``: the ids each ``generate`` call returned, named as in the docstring of ``render``."""
+    path = out_dir / "tokens.npz"
+    np.savez(path, **{name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()})
+    return str(path)
 
 
 def render(
@@ -318,17 +296,28 @@ def render(
     out_dir: str | os.PathLike,
     *,
     num_samples: int = 8,
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Generate into the store's modality and write the files under ``out_dir``; returns their paths."""
+    """Generate into the store's modality and write the files under ``out_dir``; returns their paths.
+
+    The sampling settings are ``generate``'s. ``tokens.npz`` holds the drawn
+    ids: ``samples`` [num_samples, H*W*C] and ``completions`` [k, bottom half]
+    for images, ``continuation_<n>`` [new_events] (PAD after EOS) for music,
+    ``continuations`` [num_samples, new samples] for audio. kwargs: the
+    modality's own sizes (music: prompt_events, new_events; audio:
+    prompt_seconds, new_seconds, offset_seconds).
+    """
     store = TokenStore(data_dir)
     modality = modality_of(store.meta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fn = {"image": render_images, "music": render_music, "audio": render_audio}[modality]
-    result = fn(model, store, out, num_samples, temperature, seed, **kwargs)
-    result["modality"] = modality
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    result = fn(model, store, out, num_samples, sampling, seed, **kwargs)
+    result.update(modality=modality, sampling=dict(sampling, seed=seed))
     (out / "render.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
