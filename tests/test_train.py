@@ -14,7 +14,8 @@ import torch
 
 from perceiver_ar import PerceiverAR
 from perceiver_ar.data import prepare_text
-from perceiver_ar.train import TrainConfig, list_checkpoints, lr_at, resume_config, train
+from perceiver_ar.run_dir import list_checkpoints
+from perceiver_ar.train import TrainConfig, lr_at, resume_config, train
 from tests.test_data import make_corpus
 
 TINY = {"context_len": 32, "num_latents": 8}
