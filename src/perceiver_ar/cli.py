@@ -2,18 +2,22 @@
 
 Each subcommand lives in ``perceiver_ar.commands.<name>``, which defines
 ``register(subparsers)`` and calls one library function that works from
-Python too. Errors a user can cause are printed as one line, not a traceback.
+Python too; a new subcommand is one module plus one line in ``COMMANDS``.
+Errors a user can cause are printed as one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-# Modules under perceiver_ar.commands, in the order --help lists them.
-COMMANDS = ["convert", "prepare", "train", "eval", "generate", "render"]
+from .commands import convert, generate, prepare, render, train
+from .commands import eval as eval_command
+
+# The subcommand modules, in the order --help lists them. Their register()
+# imports the library lazily, so building the parser stays cheap.
+COMMANDS = [convert, prepare, train, eval_command, generate, render]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perceiver AR: long-context autoregressive models (prepare, train, eval, generate).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"perceiver_ar.commands.{name}").register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

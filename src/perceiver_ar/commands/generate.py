@@ -77,6 +77,7 @@ def _tokenizer_from_json(d: dict):
 
 def load_tokenizer(model_dir: Path, spec: str | None, vocab_size: int):
     """The tokenizer named by ``spec``, else one saved beside the model, else UTF-8 bytes."""
+    from ..run_dir import TRAIN_CONFIG
     from ..tokenizer import ByteTokenizer
 
     if spec == "bytes":
@@ -94,7 +95,7 @@ def load_tokenizer(model_dir: Path, spec: str | None, vocab_size: int):
         ]
         # A training run (run/model or run/checkpoints/step_N) names its data store.
         for run_dir in (model_dir.parent, model_dir.parent.parent):
-            train_config = run_dir / "train_config.json"
+            train_config = run_dir / TRAIN_CONFIG
             if train_config.is_file():
                 data = json.loads(train_config.read_text()).get("data")
                 if data:

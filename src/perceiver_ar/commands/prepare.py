@@ -1,23 +1,18 @@
 """``perceiver-ar prepare MODALITY``: turn raw data into a token store.
 
 Each modality is a module ``perceiver_ar.commands.prepare_<modality>`` that
-defines ``register(prepare_subparsers)``; this command finds them all, so a
-new modality is one new file.
+defines ``register(prepare_subparsers)``; a new modality is one new module
+plus one line in ``MODALITIES``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 
-from . import __path__ as commands_path
+from . import prepare_audio, prepare_copy, prepare_image, prepare_music, prepare_text
 
-
-def modality_modules() -> list[str]:
-    """The ``prepare_*`` modules, text first, then alphabetical."""
-    names = sorted(m.name for m in pkgutil.iter_modules(commands_path) if m.name.startswith("prepare_"))
-    return sorted(names, key=lambda n: n != "prepare_text")
+# The modality modules, in the order --help lists them: text first, then alphabetical.
+MODALITIES = [prepare_text, prepare_audio, prepare_copy, prepare_image, prepare_music]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,5 +24,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`perceiver-ar prepare text --help`.",
     )
     modalities = p.add_subparsers(dest="modality", metavar="MODALITY", required=True)
-    for name in modality_modules():
-        importlib.import_module(f"perceiver_ar.commands.{name}").register(modalities)
+    for modality in MODALITIES:
+        modality.register(modalities)

@@ -14,41 +14,8 @@ import dataclasses
 import json
 from typing import Any
 
-HELP = {
-    "data": "the data store to train on (written by `perceiver-ar prepare`)",
-    "out": "the run directory: checkpoints, metrics.jsonl, loss.png, model/",
-    "preset": "model preset: tiny, demo, small, pg19, copy-131k",
-    "init_from": "start from the weights and config of this model directory",
-    "steps": "optimizer steps in all, the schedule's length (a resumed run continues to this step)",
-    "stop_at": "end this session at this step with a checkpoint, as if interrupted; resume later",
-    "batch_size": "rows per optimizer step, over all processes and accumulation micro-steps",
-    "grad_accum": "gradient accumulation micro-steps per optimizer step",
-    "sampler": "crops: random crops ending anywhere in the split (documents weigh by length); "
-    "document-crops: each document equally likely, then a random crop (the official weighting); "
-    "stream: fixed windows over all documents",
-    "optimizer": "adamw, adam or sgd",
-    "lr": "peak learning rate",
-    "min_lr_ratio": "the cosine schedule ends at lr x this",
-    "schedule": "cosine or constant after the warm-up",
-    "warmup_steps": "steps of linear warm-up from 0",
-    "weight_decay": "decoupled weight decay on matrices (AdamW)",
-    "beta1": "Adam beta1",
-    "beta2": "Adam beta2",
-    "grad_clip": "clip the global gradient norm to this (0: off)",
-    "seed": "seed of the initial weights, the crops and dropout",
-    "eval_every": "steps between validation evaluations (0: only at the end)",
-    "eval_tokens": "validation tokens scored at each evaluation",
-    "eval_batch_size": "rows per evaluation forward",
-    "checkpoint_every": "steps between checkpoints (the last step always saves)",
-    "keep_checkpoints": "how many of the latest checkpoints to keep",
-    "log_every": "steps between progress-bar and TensorBoard updates",
-    "device": "auto, cpu, cuda or cuda:N",
-    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
-    "threads": "CPU threads per process (0: cores / local processes)",
-    "compile": "torch.compile the training forward",
-    "progress": "show a progress bar",
-    "tensorboard": "also log to TensorBoard when it is installed",
-}
+# Fields whose dataclass defaults exist for Python callers only: the CLI asks for them.
+REQUIRED = ("data", "out")
 
 
 def parse_value(text: str) -> Any:
@@ -63,30 +30,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..config import PerceiverARConfig
     from ..train import TrainConfig
 
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     p = sub.add_parser(
         "train",
         help="train (or resume) a model on a prepared data store",
         description="Train a Perceiver AR model. Runs unchanged under `torchrun --nproc_per_node K`. "
         "Example: perceiver-ar train --data data/shakespeare --preset demo --steps 600 --out runs/demo",
     )
-    for f in dataclasses.fields(TrainConfig):
+    for f in fields.values():
         if f.name in ("model", "resume"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        text, default = f.metadata["help"], f.default
         # SUPPRESS keeps flags that were not given out of the namespace, so a
         # resumed run keeps its saved values for them.
         if isinstance(default, bool):
             p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=HELP[f.name]
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{text} (default: {'on' if default else 'off'})",
             )
         else:
+            # --data and --out have no default a run uses: they are required unless --resume.
+            shown = "required unless --resume" if f.name in REQUIRED else f"default: {default}"
             kind = type(default) if default is not None else str
-            p.add_argument(
-                flag, type=kind, default=argparse.SUPPRESS, help=f"{HELP[f.name]} (default: {default})"
-            )
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last complete checkpoint")
-    group = p.add_argument_group("model config (override the preset's fields; ignored by --resume)")
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} ({shown})")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help=f"{fields['resume'].metadata['help']} (the run in RUN_DIR: its saved config is reloaded, "
+        "flags given override it)",
+    )
+    group = p.add_argument_group(
+        f"model config ({fields['model'].metadata['help']}: --model.FIELD VALUE; not with --resume)"
+    )
     for f in dataclasses.fields(PerceiverARConfig):
         group.add_argument(
             f"--model.{f.name}",
