@@ -1,4 +1,4 @@
-"""Golden agreement with the official JAX implementation (shared/golden)."""
+"""Golden agreement with the official JAX implementation (its reference outputs are in tests/golden/)."""
 
 import json
 

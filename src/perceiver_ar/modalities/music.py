@@ -47,7 +47,7 @@ PERCUSSION_CHANNEL = 9  # MIDI channel 10, zero-based
 TICKS_PER_BEAT = 500  # with 120 bpm (500,000 us a beat) one tick is 1 ms
 TEMPO = 500_000
 MIDI_SUFFIXES = (".mid", ".midi")
-# music21's public-domain corpus subsets (DESIGN.md section 6).
+# The subsets of the music21 corpus that are in the public domain (the default data uses these).
 PUBLIC_DOMAIN_COMPOSERS = ("bach", "beethoven", "oneills1850", "ryansMammoth")
 SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc", ".mid", ".midi")
 
