@@ -13,7 +13,7 @@ Training is a minimal loop here (random windows, AdamW, warm-up then
 cosine) so that the benchmark stands alone; ``--model DIR`` evaluates a model
 trained elsewhere (for example by ``perceiver-ar train``) instead.
 
-    python benchmarks/bench_flexibility.py            # ~10 min: train, then evaluate
+    python benchmarks/bench_flexibility.py            # train, then evaluate (~8 min here)
     python benchmarks/bench_flexibility.py --quick    # seconds, smoke test
 """
 
@@ -43,7 +43,8 @@ def shakespeare_bytes() -> tuple[bytes, bytes]:
     return train, valid
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and data, smoke test")
     p.add_argument("--context", type=int, default=1024, help="N")
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed evaluations per M' (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="evaluate this trained model directory instead of training")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.context, args.latents, args.width, args.heads, args.layers = 128, 32, 32, 2, 1
         args.batch, args.steps, args.eval_windows, args.scored, args.repeats = 4, 3, 4, 16, 1

@@ -9,7 +9,7 @@ the backward counts as 2x the forward. The peak is the median rate of a
 square fp32 ``torch.mm`` on the same threads, measured in its own process
 before and after the model cases.
 
-    python benchmarks/bench_flops.py            # a few minutes
+    python benchmarks/bench_flops.py            # ~3 min here
     python benchmarks/bench_flops.py --quick    # seconds, smoke test
 """
 
@@ -88,7 +88,8 @@ CASES = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument("--width", type=int, default=512, help="E = D")
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cases = CASES
     if args.quick:
         args.width, args.heads, args.layers, args.matmul_size, args.repeats = 32, 2, 1, 256, 1

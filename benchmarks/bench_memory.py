@@ -6,7 +6,7 @@ The default sizes are the issue's bound: M = 1024, L = 6, D = E = 512,
 8 heads, batch 1, rotary positions; ``--preset copy-131k`` measures the
 official copy-task size instead.
 
-    python benchmarks/bench_memory.py            # N = 16k .. 131k
+    python benchmarks/bench_memory.py            # N = 16k .. 131k (~6 min here)
     python benchmarks/bench_memory.py --quick    # seconds, smoke test
 """
 
@@ -73,7 +73,8 @@ def run_one(case: dict) -> dict:
     return {"seconds": seconds, "threads": threads, "torch": torch.__version__}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -85,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default=None, help="measure a named preset's sizes instead")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default=None, help="results name (default bench_memory[_PRESET])")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.contexts, args.latents, args.width, args.heads, args.layers = [256], 64, 32, 2, 1
         args.preset = None

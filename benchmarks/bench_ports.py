@@ -21,7 +21,7 @@ on the M targets, backward, AdamW); training tokens/s counts the B x N
 input tokens of a step; peak memory is the process's peak RSS.
 
     benchmarks/setup_ports.sh                   # once: builds benchmarks/.env-ports
-    python benchmarks/bench_ports.py            # both sizes, 3 rounds (~15 min)
+    python benchmarks/bench_ports.py            # both sizes, 3 rounds (~20 min here)
     python benchmarks/bench_ports.py --quick    # this library only, seconds (smoke test)
 """
 
@@ -178,7 +178,8 @@ def run_one(case: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny size, this library only (smoke test)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of fresh processes per size")
@@ -195,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL=DIR",
         help="also measure this library from another source tree, e.g. 'patched=/tmp/tree/src'",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     sizes = [SIZES[i] for i in args.sizes] if args.sizes else SIZES
     impls = dict(IMPLS)
     if args.quick:

@@ -7,7 +7,7 @@ either way. Perceiver AR keeps M = 1024 latents while N grows from 1,024 to
 in a fresh process, the two models alternate at each N, and the step is
 forward + loss + backward + AdamW on one random full row (batch 1).
 
-    python benchmarks/bench_vs_decoder.py           # the paper-style sweep (~30 min)
+    python benchmarks/bench_vs_decoder.py           # the paper-style sweep (~15 min here)
     python benchmarks/bench_vs_decoder.py --quick   # seconds, smoke test
 """
 
@@ -44,7 +44,8 @@ def run_one(case: dict) -> dict:
     return {"step_s": median(times), "times": times, "threads": threads}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument(
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-limit-gb", type=float, default=16.0, help="a case above this does not fit")
     p.add_argument("--timeout", type=float, default=1500.0, help="seconds per case")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.contexts, args.latents, args.width, args.heads, args.layers = [64, 128], 32, 32, 2, 1
         args.repeats, args.decoder_max = 1, 64

@@ -8,7 +8,7 @@ unpredictable first half. Training stops when the held-out accuracy reaches
 ``--target`` or the time budget runs out; the model is saved with
 ``save_pretrained``.
 
-    python benchmarks/train_copy.py --length 1024 --minutes 60 --out runs/copy-1024
+    python benchmarks/train_copy.py --length 1024 --minutes 60 --out runs/copy-1024  # ~12 min here
     python benchmarks/train_copy.py --quick      # a few steps, smoke test
 
 This is the issue-5 experiment loop (fresh data every step, accuracy-based
@@ -44,7 +44,8 @@ def copy_model_config(args: argparse.Namespace) -> dict:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="a named model preset (its context_len is N)")
     p.add_argument("--length", type=int, default=1024, help="events per copy sequence N")
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="model directory to write (default runs/copy-N)")
     p.add_argument("--quick", action="store_true", help="a few tiny steps, smoke test")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.length, args.width, args.heads, args.layers, args.batch = 64, 32, 2, 1, 4
         args.max_steps, args.eval_every, args.eval_sequences, args.final_sequences = 6, 3, 4, 4

@@ -1,8 +1,6 @@
 """Generation: golden sampling, cache == recompute, sliding, sampling controls, CLI."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,16 +359,6 @@ def test_cli_generate(tmp_path, capsys):
     assert out.count("Once upon") == 2
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     assert "error" in capsys.readouterr().err
-
-
-def test_bench_generate_quick():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--quick"])
-    assert result["cached"]["decode_tok_s"] > 0 and result["no_cache"]["decode_tok_s"] > 0
-    assert result["cached"]["prefill_s"] > 0
 
 
 def test_cli_finds_the_tokenizer_of_a_training_run(tmp_path):

@@ -299,6 +299,8 @@ BENCHMARKS = [
     "bench_flexibility.py",
     "bench_ports.py",
     "train_copy.py",
+    "bench_generate.py",
+    "bench_cross_attend_dropout.py",
 ]
 
 
