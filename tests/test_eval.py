@@ -118,3 +118,25 @@ def test_unigram_baseline_by_hand(tmp_path):
     log2p = unigram_log2p(store.split("train"), 6)
     counts = np.array([0, 2, 0, 3, 1, 0])  # PAD EOS SOS 3 4 5
     assert np.allclose(log2p, np.log2((counts + 1) / (6 + 6)))
+
+
+def test_copy_store_reports_bits_per_byte_and_old_stores_still_evaluate(model, tmp_path):
+    """A copy store's tokenizer is the byte tokenizer; its older form, the string "bytes", still works."""
+    import json
+
+    from perceiver_ar.copy_task import write_copy_store
+    from perceiver_ar.tokenizer import ByteTokenizer, tokenizer_from_dict
+
+    store_dir = write_copy_store(tmp_path / "copy", length=16, num_train=2, num_validation=3)
+    meta_path = store_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert isinstance(tokenizer_from_dict(meta["tokenizer"]), ByteTokenizer)
+    result = evaluate_store(model, str(store_dir))
+    # 3 sequences of SOS, 14 data bytes, EOS: 15 targets each, EOS counts no byte.
+    assert result["num_tokens"] == 45 and result["num_bytes"] == 42
+    assert result["bits_per_byte"] == pytest.approx(result["bits_per_token"] * 45 / 42)
+    meta["tokenizer"] = "bytes"
+    meta_path.write_text(json.dumps(meta))
+    old = evaluate_store(model, str(store_dir))
+    assert old["bits_per_byte"] == pytest.approx(result["bits_per_byte"])
+    assert "bits_per_byte" not in evaluate(model, TokenStore(store_dir).split("validation"))

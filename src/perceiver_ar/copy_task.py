@@ -77,7 +77,9 @@ def write_copy_store(
         vocab_size=VOCAB_SIZE,
         meta={
             "modality": "copy",
-            "tokenizer": "bytes",
+            # The data tokens are bytes (ids 3..258): the byte tokenizer's entry, so
+            # evaluation reports bits per byte and samples decode as text.
+            "tokenizer": {"type": "bytes", "vocab_size": VOCAB_SIZE},
             "copy": {"length": length, "half_length": h, "seed": seed},
         },
     )

@@ -37,6 +37,20 @@ from .vocab import PAD_ID
 PROTOCOLS = ("block", "stride1")
 
 
+def token_byte_lengths(meta: dict[str, Any]) -> np.ndarray | None:
+    """Bytes per token id ([V]) of a store's tokenizer, or None when its meta names none.
+
+    Copy-task stores written before their tokenizer entry became the byte
+    tokenizer's dict hold the bare string "bytes"; it means the same thing.
+    """
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, str):
+        tokenizer = {"type": tokenizer}
+    return tokenizer_from_dict(tokenizer).byte_lengths()
+
+
 def eval_windows(doc_lengths: np.ndarray, context_len: int, block_size: int) -> np.ndarray:
     """Every forward of the protocol as rows (doc, start, end, num_targets).
 
@@ -75,7 +89,8 @@ def evaluate(
     for the block protocol (default and maximum: num_latents). max_tokens:
     stop after about this many targets (whole documents first, in order).
     byte_lengths [V]: bytes per token id, for bits per byte (default: from the
-    tokenizer in ``meta``, else none). baseline_log2p [V]: log2 probabilities
+    tokenizer in ``meta``; without either there is no ``bits_per_byte``, so
+    ``evaluate_store`` passes the store's meta). baseline_log2p [V]: log2 probabilities
     of a reference model (``unigram_log2p``) scored on the same targets.
     """
     if protocol not in PROTOCOLS:
@@ -88,8 +103,8 @@ def evaluate(
     B = 1 if protocol == "stride1" else (M if block_size is None else int(block_size))
     if not 1 <= B <= M:
         raise ValueError(f"block_size must be in [1, num_latents={M}], got {B}")
-    if byte_lengths is None and "tokenizer" in meta:
-        byte_lengths = tokenizer_from_dict(meta["tokenizer"]).byte_lengths()
+    if byte_lengths is None:
+        byte_lengths = token_byte_lengths(meta)
     docs = split if isinstance(split, Split) else list(split)
     lengths = docs.lengths if isinstance(docs, Split) else np.array([len(d) for d in docs])
     if len(lengths) == 0 or int(np.sum(np.maximum(lengths - 1, 0))) == 0:
@@ -191,9 +206,7 @@ def evaluate_store(
             f"the data in {data_dir} has vocab_size {store.vocab_size} but the model only "
             f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer"
         )
-    byte_lengths = None
-    if "tokenizer" in store.meta:
-        byte_lengths = tokenizer_from_dict(store.meta["tokenizer"]).byte_lengths()
+    byte_lengths = token_byte_lengths(store.meta)
     log2p = None
     if baseline and "train" in store.split_names:
         log2p = unigram_log2p(store.split("train"), store.vocab_size)
