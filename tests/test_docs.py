@@ -792,7 +792,7 @@ def test_links_and_paths_in_docs_exist():
                     continue
                 if not (list(ROOT.glob(path.rstrip("/"))) if "*" in path else (ROOT / path).exists()):
                     bad.append(f"{rel(doc)}:{line}: {text}")
-            elif re.match(r"^[\w-]+\.(py|md|sh|npz)$", path) and path not in names | OFFICIAL_FILES:
+            elif re.match(r"^[\w-]+\.(py|md|sh)$", path) and path not in names | OFFICIAL_FILES:
                 bad.append(f"{rel(doc)}:{line}: {text} (no such file in the repository)")
     assert not bad, "docs name files that do not exist:\n" + "\n".join(bad)
 
