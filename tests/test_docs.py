@@ -258,6 +258,10 @@ def check_cli(cmd: Command, argv: list[str]) -> None:
         flags = re.findall(r"--[a-z][\w.-]*", " ".join(argv))
         missing = [f for f in flags if f not in p._option_string_actions]
         assert not missing, f"{cmd.doc}:{cmd.line}: {missing} are not options of `{p.prog}`"
+        # A usage line stands for the whole command: it names every option.
+        options = {a.option_strings[-1] for a in p._actions if a.option_strings and a.dest != "help"}
+        unnamed = sorted(options - set(flags))
+        assert not unnamed, f"{cmd.doc}:{cmd.line}: the usage of `{p.prog}` leaves out {unnamed}"
         return
     variants = [argv]
     if cmd.inline:  # `prepare image|music|audio` names each alternative
@@ -632,6 +636,8 @@ def test_document_runs(doc, fixtures, tmp_path, monkeypatch):
                     run_cli(shrunk(argv, fixtures), f"{cmd.doc}:{cmd.line}")
                     ran += 1
     assert ran > 0, f"{doc} has nothing to run"
+    if doc == "docs/training.md":
+        check_run_directory(doc, tmp_path)
 
 
 # ----------------------------------------------------------------------------
@@ -826,3 +832,56 @@ def test_benchmark_run_times_agree_with_the_scripts():
         said = re.findall(r"~\d+ min", help_text)
         if said or "~" in documented:
             assert re.findall(r"~\d+ min", documented) == said[:1], (script, documented, said)
+
+
+def makefile_commands() -> list[Command]:
+    """The perceiver-ar command lines of the Makefile's recipes (make demo), variables expanded."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    variables = dict(re.findall(r"^([A-Z_]+) :?= (.*)$", text, flags=re.M))
+    cmds = []
+    for n, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"^\t@?\$\(VENV\)/bin/(perceiver-ar .*)$", line)
+        if m:
+            expanded = re.sub(r"\$\((\w+)\)", lambda v: variables.get(v.group(1), v.group(0)), m.group(1))
+            cmds.extend(split_command("Makefile", n, expanded, inline=False))
+    return cmds
+
+
+def test_makefile_commands_parse():
+    """`make demo` runs perceiver-ar commands; they must parse as the CLI stands."""
+    cmds = makefile_commands()
+    assert len(cmds) >= 3
+    for cmd in cmds:
+        check_command(cmd)
+
+
+def test_benchmark_help_commands_parse():
+    """The example command lines in each benchmark's docstring (its --help) parse."""
+    checked = 0
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        for n, line in enumerate(doc.splitlines(), 1):
+            if line.strip().startswith("python benchmarks/"):
+                for cmd in split_command(rel(script), n, line.strip(), inline=False):
+                    check_command(cmd)
+                    checked += 1
+    assert checked >= 8
+
+
+def check_run_directory(doc: str, work: Path) -> None:
+    """The run directory listing of docs/training.md is what a run writes."""
+    blocks = [b for b in read_doc(ROOT / doc)[0] if b.lang == "text" and b.code.startswith("runs/demo/")]
+    assert len(blocks) == 1, "docs/training.md: the run directory listing (runs/demo/) is missing"
+    listing = blocks[0].code
+    run = work / "runs" / "demo"
+    for name in re.findall(r"^  (\S+)", listing, flags=re.M):
+        pattern = re.sub(r"\d+", "*", name.rstrip("/"))
+        assert list(run.glob(pattern)), f"{doc}: the run directory has no {name}"
+    checkpoint = sorted(run.glob("checkpoints/step_*"))[-1]
+    for name in re.findall(
+        r"[\w.]+\.(?:json|safetensors)", listing.split("checkpoints/", 1)[1].split("model/")[0]
+    ):
+        assert (checkpoint / name).is_file(), f"{doc}: a checkpoint has no {name}"
+    keys = re.findall(r'"(\w+)"', listing.split("metrics.jsonl", 1)[1].splitlines()[0])
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(keys) <= set(first), f"{doc}: metrics.jsonl lines hold {sorted(first)}, not {keys}"
