@@ -651,6 +651,18 @@ ALIASES = {
 }
 
 
+FILE_SUFFIXES = {"json", "jsonl", "safetensors", "png", "py", "md", "npz", "mid", "wav"}
+
+
+@cache
+def submodules() -> frozenset[str]:
+    import pkgutil
+
+    import perceiver_ar
+
+    return frozenset(m.name for m in pkgutil.iter_modules(perceiver_ar.__path__))
+
+
 def resolve(name: str):
     """The object a documented dotted name means, or None when it is not ours (a variable, a field)."""
     name = ALIASES.get(name, name)
@@ -658,6 +670,8 @@ def resolve(name: str):
         import perceiver_ar
 
         head, *rest = name.split(".")
+        if head in submodules() and rest and rest[-1] not in FILE_SUFFIXES:  # `runtime.setup_runtime`
+            return resolve(f"perceiver_ar.{name}")
         if head not in perceiver_ar.__all__:
             return None
         obj = getattr(perceiver_ar, head)  # the package's export, not a submodule of that name
@@ -692,8 +706,7 @@ def check_api_span(text: str) -> str | None:
     """Check one inline span that calls or names our API; returns what was checked, or None."""
     m = re.match(r"^([A-Za-z_][\w.]*)\((.*)\)$", text)
     if m is None:
-        if re.match(r"^perceiver_ar(\.\w+)+$", text):
-            resolve(text)
+        if re.match(r"^[a-z_]+(\.\w+)+$", text) and resolve(text) is not None:
             return text
         return None
     name, inside = m.groups()
@@ -885,3 +898,35 @@ def check_run_directory(doc: str, work: Path) -> None:
     keys = re.findall(r'"(\w+)"', listing.split("metrics.jsonl", 1)[1].splitlines()[0])
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert set(keys) <= set(first), f"{doc}: metrics.jsonl lines hold {sorted(first)}, not {keys}"
+
+
+# Names of the official JAX code the docs cite.
+OFFICIAL_NAMES = {"RandomMirroredDataset"}
+
+
+def test_named_classes_exist():
+    """A class the docs name (`KVCache`, `PerceiverAR.decode_step`) exists; `file.py, `Name`` lives there."""
+    sources = {p: p.read_text() for p in ROOT.glob("src/**/*.py")}
+    everything = "\n".join(sources.values())
+
+    def defined(name: str, text: str) -> bool:
+        return re.search(rf"^\s*(class|def) {name}\b|^\s*{name}\s*[:=]", text, flags=re.M) is not None
+
+    bad, checked = [], 0
+    for doc in DOC_FILES:
+        for line, text in inline_spans(doc):
+            if not re.match(r"^[A-Z]\w*[a-z]\w*(\.\w+)*$", text) or text in ("None", "True", "False"):
+                continue
+            if text.split(".")[0] in OFFICIAL_NAMES:
+                continue
+            checked += 1
+            if not all(defined(part, everything) for part in text.split(".")):
+                bad.append(f"{rel(doc)}:{line}: {text}")
+        _, prose = read_doc(doc)
+        for m in re.finditer(r"\b(\w+)\.py`?, `(\w+)`", prose):
+            path = ROOT / "src" / "perceiver_ar" / f"{m.group(1)}.py"
+            checked += 1
+            if not (path.is_file() and defined(m.group(2), path.read_text())):
+                bad.append(f"{rel(doc)}: {m.group(2)} is not in {m.group(1)}.py")
+    assert checked >= 8
+    assert not bad, "\n".join(bad)
