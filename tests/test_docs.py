@@ -930,3 +930,22 @@ def test_named_classes_exist():
                 bad.append(f"{rel(doc)}: {m.group(2)} is not in {m.group(1)}.py")
     assert checked >= 8
     assert not bad, "\n".join(bad)
+
+
+def test_file_trees_in_docs_exist():
+    """A tree of the sources in the docs (README's Layout) names files and folders that exist."""
+    bad, checked = [], 0
+    for doc in DOC_FILES:
+        for block in read_doc(doc)[0]:
+            if block.lang != "text" or not block.code.startswith("src/perceiver_ar/"):
+                continue
+            for line in block.code.splitlines()[1:]:
+                m = re.match(r"^(\s*)([\w./-]+\.py|[\w-]+/)(\s|$)", line)
+                if m:
+                    base = ROOT / "src" / "perceiver_ar" if m.group(1) else ROOT
+                    checked += 1
+                    if not (base / m.group(2)).exists():
+                        bad.append(f"{rel(doc)}:{block.line}: {m.group(2)}")
+    if not checked:
+        pytest.skip("no source tree (a block opening with src/perceiver_ar/) in the docs")
+    assert not bad, "the docs' file trees name what does not exist:\n" + "\n".join(bad)
