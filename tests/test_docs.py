@@ -624,17 +624,21 @@ def test_document_runs(doc, fixtures, tmp_path, monkeypatch):
     """Every perceiver-ar command and Python snippet of the document, in order, at toy size."""
     monkeypatch.chdir(tmp_path)
     namespace = prepare_workspace(doc, fixtures, tmp_path)
+    threads = torch.get_num_threads()  # the commands set their own; later tests keep the suite's
     ran = 0
-    for block in read_doc(ROOT / doc)[0]:
-        if block.lang == "python":
-            run_snippet(block, namespace)
-            ran += 1
-        elif block.lang == "shell":
-            for cmd in shell_commands(block):
-                argv = cli_argv(cmd)
-                if argv is not None:
-                    run_cli(shrunk(argv, fixtures), f"{cmd.doc}:{cmd.line}")
-                    ran += 1
+    try:
+        for block in read_doc(ROOT / doc)[0]:
+            if block.lang == "python":
+                run_snippet(block, namespace)
+                ran += 1
+            elif block.lang == "shell":
+                for cmd in shell_commands(block):
+                    argv = cli_argv(cmd)
+                    if argv is not None:
+                        run_cli(shrunk(argv, fixtures), f"{cmd.doc}:{cmd.line}")
+                        ran += 1
+    finally:
+        torch.set_num_threads(threads)
     assert ran > 0, f"{doc} has nothing to run"
     if doc == "docs/training.md":
         check_run_directory(doc, tmp_path)
