@@ -173,7 +173,7 @@ def is_command_span(text: str) -> bool:
     words = text.split()
     if not words:
         return False
-    if words[0] in ("perceiver-ar", "torchrun", "make", "bash"):
+    if words[0] in ("perceiver-ar", "torchrun", "make", "bash", "pip", "apt-get"):
         return len(words) > 1
     return (
         words[0] == "python" and len(words) > 1 and (words[1].startswith("benchmarks/") or words[1] == "-m")
