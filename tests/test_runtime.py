@@ -68,7 +68,7 @@ def test_cpu_runtime_is_fp32_and_sets_threads():
 
 def test_bad_settings_are_one_clear_error():
     with pytest.raises(ValueError, match="precision must be"):
-        setup_runtime("cpu", precision="fp16")
+        setup_runtime("cpu", precision="fp8")
     with pytest.raises(ValueError, match="unknown device 'tpu0'"):
         setup_runtime("tpu0")
     if not torch.cuda.is_available():

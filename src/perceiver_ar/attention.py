@@ -107,13 +107,21 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (interleaved style) of the first channels.
 
     x [B, H, T, dh]; only the first 2 * cos.shape[-1] channels of each head
-    rotate, the rest pass through.
+    rotate, the rest pass through. The rotation is computed in the tables'
+    fp32 and rounded once to x's dtype, so a bf16 or fp16 q or k stays in its
+    dtype and meets v in the kernel in one dtype (fp32 tables would promote it).
     """
     r = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
-    x0, x1 = x_rot.unflatten(-1, (r // 2, 2)).unbind(-1)
+    return torch.cat((_rotate_pairs(x_rot, cos, sin), x_pass), dim=-1)
+
+
+def _rotate_pairs(x_rot: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotated channels [..., r] of ``apply_rotary``, in x_rot's dtype."""
+    r = x_rot.shape[-1]
+    x0, x1 = x_rot.to(cos.dtype).unflatten(-1, (r // 2, 2)).unbind(-1)
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+    return rotated.to(x_rot.dtype)
 
 
 def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -121,9 +129,14 @@ def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     The out-of-place form holds about four copies of the rotated channels at
     once; at 131,072 inputs that is the peak of a forward pass. Here the
-    only temporary is one copy of the even channels.
+    only temporary is one copy of the even channels. An x in another dtype
+    than the tables (bf16, fp16) is rotated in fp32 and written back rounded
+    once, exactly as ``apply_rotary`` does, so both paths give the same keys.
     """
     r = 2 * cos.shape[-1]
+    if x.dtype != cos.dtype:
+        x[..., :r] = _rotate_pairs(x[..., :r], cos, sin)
+        return x
     pairs = x[..., :r].unflatten(-1, (r // 2, 2))
     x0, x1 = pairs.unbind(-1)
     x0_orig = x0.clone()
@@ -222,7 +235,7 @@ class PrefixCausalAttention(torch.autograd.Function):
     unmasked, the last M keys with the square causal mask) and their outputs
     merge by log-sum-exp. The backward of a key block needs only the merged
     output and log-sum-exp, so it is exact too. q [B, H, M, dh], k and v
-    [B, H, T, dh] with T > M; CPU only.
+    [B, H, T, dh] with T > M, all in one dtype (fp32, bf16 or fp16); CPU only.
     """
 
     @staticmethod
@@ -231,9 +244,12 @@ class PrefixCausalAttention(torch.autograd.Function):
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         out_prefix, lse_prefix = flash(q, k[:, :, :P], v[:, :, :P], 0.0, False)
         out_square, lse_square = flash(q, k[:, :, P:], v[:, :, P:], 0.0, True)
+        # The kernels return the log-sum-exp in fp32 for every input dtype; the
+        # merge runs in fp32 too and rounds once to q's dtype (a no-op in fp32).
         lse = torch.logaddexp(lse_prefix, lse_square)  # [B, H, M]
-        out = torch.exp(lse_prefix - lse)[..., None] * out_prefix
-        out.addcmul_(torch.exp(lse_square - lse)[..., None], out_square)
+        out = torch.exp(lse_prefix - lse)[..., None] * out_prefix.to(lse.dtype)
+        out.addcmul_(torch.exp(lse_square - lse)[..., None], out_square.to(lse.dtype))
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 

@@ -91,8 +91,17 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: PerceiverAR, batch_size: int) -> KVCache:
+        """A cache in the dtype the model's keys and values come in.
+
+        That is the parameters' dtype (a model cast to bf16 caches bf16), or
+        under an enabled autocast for the model's device its dtype: the cached
+        keys must meet the new query in one dtype.
+        """
         p = next(model.parameters())
-        return cls(model.config, batch_size, device=p.device, dtype=p.dtype)
+        dtype = p.dtype
+        if torch.is_autocast_enabled(p.device.type) and p.dtype == torch.float32:
+            dtype = torch.get_autocast_dtype(p.device.type)
+        return cls(model.config, batch_size, device=p.device, dtype=dtype)
 
     @property
     def num_inputs(self) -> int:

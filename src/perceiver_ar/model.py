@@ -56,6 +56,21 @@ def gelu_tanh(x: Tensor) -> Tensor:
 ACTIVATION_FNS = {"sq_relu": squared_relu, "gelu": gelu_tanh}
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in fp32 and returned in the input's dtype.
+
+    In a model cast to bf16 or fp16 (and under autocast, which on CPU runs
+    layer_norm in whatever dtype it gets) the statistics, the scale and the
+    offset are then applied in fp32 and rounded once. In fp32 it is exactly
+    ``nn.LayerNorm``; the parameters are the same, so are the checkpoints.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class FeedForward(nn.Module):
     """Linear(C -> wC), activation, Linear(wC -> C)."""
 
@@ -115,10 +130,10 @@ class CrossAttend(nn.Module):
         super().__init__()
         E, D = cfg.input_dim, cfg.latent_dim
         self.chunk_size = cfg.cross_attend_chunk_size
-        self.query_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.kv_norm = nn.LayerNorm(E, eps=cfg.layer_norm_eps)
+        self.query_norm = LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.kv_norm = LayerNorm(E, eps=cfg.layer_norm_eps)
         self.attention = Attention(D, E, E, D, cfg.cross_attend_heads)
-        self.ffn_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.ffn_norm = LayerNorm(D, eps=cfg.layer_norm_eps)
         self.feed_forward = FeedForward(D, cfg.cross_attend_widening, cfg.activation, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -155,9 +170,9 @@ class LatentLayer(nn.Module):
     def __init__(self, cfg: PerceiverARConfig):
         super().__init__()
         D = cfg.latent_dim
-        self.attention_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.attention_norm = LayerNorm(D, eps=cfg.layer_norm_eps)
         self.attention = Attention(D, D, D, D, cfg.latent_heads)
-        self.ffn_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.ffn_norm = LayerNorm(D, eps=cfg.layer_norm_eps)
         self.feed_forward = FeedForward(D, cfg.latent_widening, cfg.activation, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -206,7 +221,7 @@ class PerceiverAR(Pretrained, nn.Module):
         self.latent_init = nn.Linear(E, D)  # z0 = Linear(emb at the latent's input)
         self.cross_attend = CrossAttend(cfg)
         self.latent_layers = nn.ModuleList(LatentLayer(cfg) for _ in range(cfg.num_latent_layers))
-        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
         self.output = nn.Linear(D, cfg.vocab_size)
         self.init_weights()
 

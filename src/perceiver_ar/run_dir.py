@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,12 +46,15 @@ class TrainState:
 
     The crops of a step, its dropout masks and its learning rate are functions
     of (seed, step), and the seed is in the run's config: so the step, the
-    weights and the optimizer moments are the whole state of a run.
+    weights and the optimizer moments are the whole state of a run (with
+    fp16, also the gradient scaler's current scale).
     """
 
     model: PerceiverAR
     optimizer: torch.optim.Optimizer
     step: int = 0
+    # Enabled for fp16 only (Runtime.grad_scaler); disabled it passes everything through.
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
 
 # ----------------------------------------------------------------------------
@@ -108,6 +111,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, notes: dict[str, Any], kee
         "step": step,
         "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
     }
+    if state.scaler.is_enabled():
+        record["grad_scaler"] = state.scaler.state_dict()  # floats and ints
     (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=2) + "\n")
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
@@ -147,9 +152,17 @@ def last_checkpoint(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> int:
-    """Restore the optimizer from a checkpoint; returns the step it was saved at."""
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, ckpt: Path, scaler: torch.amp.GradScaler | None = None
+) -> int:
+    """Restore the optimizer (and an enabled gradient scaler) from a checkpoint; returns its step.
+
+    A scaler saved by an fp16 run is restored only into an fp16 run; any other
+    run starts its scaler afresh (a bf16 or fp32 resume has none).
+    """
     state = json.loads((ckpt / TRAIN_STATE).read_text())
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     tensors = load_file(str(ckpt / OPTIMIZER))
     per_param: dict[int, dict[str, Any]] = {}
     for name, value in [*tensors.items(), *state["optimizer"]["scalars"].items()]:

@@ -18,8 +18,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The --precision help of the inference commands (eval, generate, render).
+INFERENCE_PRECISION_HELP = (
+    "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16: the model is cast to it "
+    "(default: auto)"
+)
 
 
 @dataclass
@@ -39,12 +46,57 @@ class Runtime:
 
     @property
     def precision(self) -> str:
+        if self.autocast_dtype == torch.float16:
+            return "fp16 autocast + gradient scaler"
         return "bf16 autocast" if self.autocast_dtype is not None else "fp32"
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: what an inference-only model is cast to (generation), fp32 by default."""
+        return self.autocast_dtype or torch.float32
+
     def autocast(self) -> AbstractContextManager:
-        """The autocast context of this precision (a no-op in fp32)."""
+        """The autocast context of this precision (a no-op in fp32).
+
+        Parameters, gradients and optimizer state stay fp32 (the master
+        weights); matmuls and attention run in the low-precision dtype, while
+        LayerNorm, the softmax statistics and the loss run in fp32 (model.py,
+        attention.py, loss.py).
+        """
         return torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """``model`` on this device, cast to the compute dtype, in eval mode (eval, generate, render).
+
+        Inference casts the weights once instead of autocasting: a decoded
+        token reads every weight, and bf16 copies halve those bytes where
+        autocast would re-cast fp32 weights. Training keeps fp32 master weights.
+        """
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler, enabled for fp16 only (its 5 exponent bits underflow small gradients).
+
+        bf16 has fp32's exponent range and needs none; a disabled scaler
+        passes the loss and the optimizer step through unchanged.
+        """
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def precision_note(self) -> str | None:
+        """One line for the log when this precision runs emulated (slowly) on this machine, else None."""
+        if self.device.type != "cpu" or self.autocast_dtype is None:
+            return None
+        if self.autocast_dtype == torch.bfloat16:
+            name, native = "bf16", torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else:
+            name, native = "fp16", torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        if native:
+            return None
+        return (
+            f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native {name} matmul: "
+            f"{name} runs emulated, many times slower than fp32 (use --precision fp32 on it)"
         )
 
     def close(self) -> None:
@@ -65,9 +117,12 @@ def setup_runtime(
     """Pick the device, precision and CPU threads; with ``distributed``, join torchrun's process group.
 
     ``device``: "auto" (or None: CUDA when available, else the CPU), "cpu", "cuda" (under torchrun,
-    this process's local GPU) or "cuda:N". ``precision``: "auto" means bf16 autocast on a CUDA device
-    that supports it and fp32 otherwise. ``threads`` (CPU only): None leaves torch's own choice,
-    0 shares the cores between the processes of this machine, N sets N.
+    this process's local GPU) or "cuda:N". ``precision``: "fp32"; "bf16" or "fp16" (autocast; fp16
+    also scales the loss, see ``Runtime.grad_scaler``); "auto" means bf16 on a CUDA device that
+    supports it (compute capability 8.0 and up) and fp32 otherwise: fp32 on a CPU, where bf16 and
+    fp16 run but are emulated unless the CPU has them natively (``Runtime.precision_note``).
+    ``threads`` (CPU only): None leaves torch's own choice, 0 shares the cores between the processes
+    of this machine, N sets N.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
@@ -90,10 +145,12 @@ def setup_runtime(
             # Share the cores between the local processes; more threads than cores thrash.
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{dev} does not support bf16: use --precision fp16 or fp32")
     owns = world_size > 1 and not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None, rank, world_size, owns)
+    return Runtime(dev, LOW_PRECISION_DTYPES.get(precision), rank, world_size, owns)

@@ -100,7 +100,11 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "how many of the latest checkpoints to keep")
     log_every: int = option(10, "steps between progress-bar and TensorBoard updates")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
-    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    precision: str = option(
+        "auto",
+        "auto (bf16 autocast on a CUDA GPU that has bf16, else fp32), fp32, bf16 (autocast, fp32 master "
+        "weights) or fp16 (autocast with a gradient scaler)",
+    )
     threads: int = option(0, "CPU threads per process (0: cores / local processes)")
     compile: bool = option(False, "torch.compile the training forward")
     progress: bool = option(True, "show a progress bar")
@@ -209,8 +213,12 @@ def check_model_fits_data(model_cfg: PerceiverARConfig, sampler: str, store: Tok
             )
 
 
-def initial_state(cfg: TrainConfig, store: TokenStore, device: torch.device) -> TrainState:
-    """Where a run starts: its last checkpoint (resume), a model directory (init_from) or the preset."""
+def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> TrainState:
+    """Where a run starts: its last checkpoint (resume), a model directory (init_from) or the preset.
+
+    The model stays fp32 whatever the precision: autocast computes in bf16 or
+    fp16 from these master weights, and the optimizer state is fp32 too.
+    """
     run_dir = Path(cfg.out)
     ckpt = None
     if cfg.resume:
@@ -226,10 +234,10 @@ def initial_state(cfg: TrainConfig, store: TokenStore, device: torch.device) -> 
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         model = PerceiverAR(build_model_config(cfg, store))
     check_model_fits_data(model.config, cfg.sampler, store)
-    model.to(device)
-    state = TrainState(model, make_optimizer(cfg, model))
+    model.to(rt.device)
+    state = TrainState(model, make_optimizer(cfg, model), scaler=rt.grad_scaler())
     if ckpt is not None:
-        state.step = load_optimizer_state(state.optimizer, ckpt)
+        state.step = load_optimizer_state(state.optimizer, ckpt, state.scaler)
     return state
 
 
@@ -275,15 +283,19 @@ def train_step(
         with contextlib.nullcontext() if sync else forward_model.no_sync(), rt.autocast():
             out = forward_model(inputs, positions)
             loss = perceiver_ar_loss(out.logits, targets, out.latent_index, model_cfg.z_loss)
-        (loss.total * (rt.world_size / global_targets)).backward()
+        # fp16: the scaler multiplies the loss so that small gradients survive (a no-op otherwise).
+        state.scaler.scale(loss.total * (rt.world_size / global_targets)).backward()
         sums += torch.stack(
             [loss.total.detach().double(), loss.total_ce.detach().double(), (inputs != 0).sum().double()]
         )
     if rt.world_size > 1:
         dist.all_reduce(sums)  # a sync point: every rank waits for the slowest
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    state.scaler.unscale_(state.optimizer)  # clip the true gradients
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
-    state.optimizer.step()
+    # With fp16, a step whose gradients overflowed is skipped and the scale lowered.
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     seconds = time.perf_counter() - t_step
@@ -351,7 +363,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
 
     # --- the model and optimizer: from the last checkpoint, a model directory, or a preset
-    state = initial_state(cfg, store, rt.device)
+    state = initial_state(cfg, store, rt)
     model, model_cfg = state.model, state.model.config
     sampler = make_sampler(
         cfg.sampler, store.split("train"), model_cfg.context_len, model_cfg.num_latents, cfg.seed
@@ -374,6 +386,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"M={model_cfg.num_latents} E={model_cfg.input_dim} D={model_cfg.latent_dim} "
             f"L={model_cfg.num_latent_layers}; {rt.world_size} process(es) on {rt.device}, {rt.precision}"
         )
+    note = rt.precision_note()
+    if note:
+        log.print(note)
     baseline = unigram_log2p(store.split("train"), store.vocab_size) if rt.is_main else None
 
     # --- train

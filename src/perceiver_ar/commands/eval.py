@@ -9,6 +9,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..generate import DEFAULT_TEMPERATURE
+    from ..runtime import INFERENCE_PRECISION_HELP
 
     p = sub.add_parser(
         "eval",
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, help="score only about this many targets (documents in order)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", help=INFERENCE_PRECISION_HELP)
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     p.add_argument(
         "--sample", type=int, default=0, metavar="TOKENS", help="then print a sample of this many tokens"
@@ -50,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import setup_runtime
     from ..store import TokenStore
 
-    rt = setup_runtime(args.device)  # auto precision: bf16 autocast on CUDA, fp32 on the CPU
+    rt = setup_runtime(args.device, args.precision)  # auto: bf16 on a CUDA GPU, fp32 on the CPU
     if not Path(args.model).exists():
         raise FileNotFoundError(f"{args.model} does not exist")
-    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device)
+    model = rt.for_inference(PerceiverAR.from_pretrained(args.model, map_location=rt.device))
     result = evaluate_store(
         model,
         args.data,
@@ -63,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
-        autocast_dtype=rt.autocast_dtype,
         progress=True,
     )
     print(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..generate import DEFAULT_TEMPERATURE
+    from ..runtime import INFERENCE_PRECISION_HELP
 
     p = sub.add_parser(
         "generate",
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-cache", action="store_true", help="recompute every step from scratch (slow; for checks)"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", default="auto", help=INFERENCE_PRECISION_HELP)
     p.set_defaults(func=run)
 
 
@@ -171,9 +173,10 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
     model_dir = resolve_model_dir(args.model)
-    # Decoding runs in fp32 (no autocast) on the device the runtime picks.
-    device = setup_runtime(args.device, precision="fp32").device
-    model = PerceiverAR.from_pretrained(str(model_dir), map_location=device).eval()
+    # The runtime picks the device and the dtype the model is cast to (fp32 on a CPU).
+    rt = setup_runtime(args.device, args.precision)
+    device = rt.device
+    model = rt.for_inference(PerceiverAR.from_pretrained(str(model_dir), map_location=device))
     tokenizer = load_tokenizer(model_dir, args.tokenizer, model.config.vocab_size)
     text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
     ids = ([] if args.no_sos else [SOS_ID]) + tokenizer.encode(text)
@@ -227,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     rate = decode_tokens / (end - first) if end > first and decode_tokens > 0 else float("nan")
     print(
         f"[{num_tokens} tokens in {end - start:.2f} s: prefill {first - start:.3f} s, "
-        f"{rate:.1f} tokens/s after the first, {'no cache' if args.no_cache else 'cached'}, {device}]",
+        f"{rate:.1f} tokens/s after the first, {'no cache' if args.no_cache else 'cached'}, "
+        f"{device}, {str(rt.dtype).removeprefix('torch.')}]",
         file=sys.stderr,
     )
     return 0

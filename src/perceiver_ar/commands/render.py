@@ -8,6 +8,7 @@ import json
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..generate import DEFAULT_TEMPERATURE
+    from ..runtime import INFERENCE_PRECISION_HELP
 
     p = sub.add_parser(
         "render",
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sampling seed (default 0): image samples use it, completions seed+1, music piece n seed+n",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", help=INFERENCE_PRECISION_HELP)
     p.set_defaults(func=run)
 
 
@@ -54,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import setup_runtime
     from ..store import TokenStore
 
-    # Scoring takes the runtime's precision (bf16 autocast on CUDA, as eval);
-    # generation runs in fp32, as `perceiver-ar generate` does.
-    rt = setup_runtime(args.device)
-    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device)
+    # Scoring and generation run in the runtime's precision (the model cast to
+    # it: bf16 on a CUDA GPU, fp32 on the CPU by default), as eval and generate.
+    rt = setup_runtime(args.device, args.precision)
+    model = rt.for_inference(PerceiverAR.from_pretrained(args.model, map_location=rt.device))
     store = TokenStore(args.data)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.no_score:
@@ -67,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
             args.split,
             num_latents=args.num_latents,
             max_tokens=args.max_tokens,
-            autocast_dtype=rt.autocast_dtype,
         )
         (Path(args.out) / "score.json").write_text(json.dumps(result, indent=2) + "\n")
         extra = f" ({result['nll_per_event_nats']:.4f} nats)" if "nll_per_event_nats" in result else ""
