@@ -16,8 +16,13 @@ against the code so they cannot drift from it:
   same way;
 - inline API references (``perceiver_ar.evaluate.evaluate(model, split, ...)``)
   must name real objects, parameters and defaults;
-- every relative link and repository path named in the docs, and every
-  ``.md`` file named in the code, must exist.
+- every relative link and repository path named in the docs, every class
+  they name, the source tree of the README's Layout, and every ``.md`` file
+  named in the code, must exist;
+- a usage line names every option of its command; the run directory listing
+  of docs/training.md is what a run writes; the commands of ``make demo`` and
+  of each benchmark's ``--help`` parse; benchmarks/README.md gives each script
+  the run time its ``--help`` gives.
 """
 
 from __future__ import annotations
