@@ -8,6 +8,7 @@ silently checks nothing (a misspelt module, a wrong root) cannot pass.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,13 @@ def test_a_module_outside_the_layers_breaks_the_contract(tmp_path):
     result = lint_copy(tmp_path, lambda package: (package / "stray.py").write_text('"""Not placed."""\n'))
     assert result.returncode != 0
     assert "perceiver_ar.stray" in result.stdout, result.stdout
+
+
+def test_readme_layer_diagram_is_the_contract():
+    """README's Layout diagram lists the contract's layers, top to bottom, in the same order."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    readme = (ROOT / "README.md").read_text()
+    diagram = readme.split("## Layout", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    names = [re.split(r"\s{2,}", line.strip())[0] for line in diagram.splitlines() if line.strip()]
+    assert names == layers["layers"]
