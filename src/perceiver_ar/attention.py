@@ -169,19 +169,23 @@ class Masks:
     uniform_rows: Tensor | None = None
 
 
-def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None) -> Masks:
+def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None, full_rows: bool) -> Masks:
     """Masks of the official ``final_block`` style.
 
     A latent on input s sees input j iff j <= s and x[j] != PAD (and, with the
     mask form of cross-attend dropout, j was kept or j == s). Latents see
     latents on the same or earlier inputs; invalid latents (-1) are hidden as
     keys and see only themselves.
+
+    ``full_rows``: the caller knows no row has padding (the forward decides
+    it from its caller or once from the inputs). Nothing here reads tensor
+    values, so building masks never waits for the device.
     """
     B, T = inputs.shape
     M = latent_index.shape[1]
-    key_valid = inputs != PAD_ID  # [B, T]
-    if input_keep is None and T >= M and bool(key_valid.all()):
+    if input_keep is None and T >= M and full_rows:
         return Masks(full_rows=True)
+    key_valid = inputs != PAD_ID  # [B, T]
 
     j = torch.arange(T, device=inputs.device)
     cross = (j[None, None, :] <= latent_index[:, :, None]) & key_valid[:, None, :]
@@ -189,11 +193,13 @@ def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None)
         own = j[None, None, :] == latent_index[:, :, None]
         cross = cross & (input_keep[:, None, :] | own)
     valid = latent_index >= 0
+    # An invalid latent has no visible input. SDPA would return NaN for an
+    # all-False row, so let it see every key here and overwrite its output
+    # with the uniform mean afterwards (what a -1e30 fill produces). Without
+    # reading values it is not known whether a row is short, so this is done
+    # always, unless the rows are full (no latent can be invalid then).
     uniform_rows = None
-    if not bool(valid.all()):
-        # An invalid latent has no visible input. SDPA would return NaN for an
-        # all-False row, so let it see every key here and overwrite its output
-        # with the uniform mean afterwards (what a -1e30 fill produces).
+    if not full_rows:
         cross = cross | ~valid[:, :, None]
         uniform_rows = ~valid
     latent = (latent_index[:, :, None] >= latent_index[:, None, :]) & valid[:, None, :]

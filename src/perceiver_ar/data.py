@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import PerceiverARConfig
 from .store import Split, StoreWriter
 from .tokenizer import encode_document, make_tokenizer
 from .vocab import PAD_ID
@@ -248,6 +249,35 @@ def crops_to_batch(
             positions = np.zeros((B, context_len, *pos.shape[1:]), dtype=np.int64)
         positions[row, : n - 1] = pos
     return events, positions
+
+
+def check_batch(tokens: np.ndarray, positions: np.ndarray | None, config: PerceiverARConfig) -> bool:
+    """Check a right-padded batch on the host: ids [B, T], positions; return whether no row has padding.
+
+    The trainer and the evaluator check their batches here, in numpy, before
+    they reach the device, and then call the model with ``validate=False`` and
+    this ``full_rows``: the model's own check reads device tensors (a host
+    sync per step on a GPU, a graph break under compile).
+    """
+    V = config.vocab_size
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        raise ValueError(
+            f"token ids must lie in [0, {V}) for the model's vocab_size {V}, "
+            f"got ids from {int(tokens.min())} to {int(tokens.max())}: use data made with its tokenizer"
+        )
+    pad = tokens == PAD_ID
+    if bool((pad[:, :-1] & ~pad[:, 1:]).any()):
+        raise ValueError(f"a document holds PAD ({PAD_ID}) before its end: PAD may only pad a row's end")
+    if positions is not None and config.position_encoding == "absolute" and positions.size:
+        axes = positions if positions.ndim == 3 else positions[..., None]
+        for axis, size in enumerate(config.position_table_sizes):
+            hi = int(axes[..., axis].max())
+            if hi >= size:
+                raise ValueError(
+                    f"position {hi} on axis {axis} is outside the position table of {size} rows: "
+                    "raise position_table_sizes or use rotary positions"
+                )
+    return not bool(pad.any())
 
 
 def targets_per_row(crops: np.ndarray, num_latents: int) -> np.ndarray:

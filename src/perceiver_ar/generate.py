@@ -43,11 +43,15 @@ def prefill(
     """One full forward over the window hosting ``num_latents`` latents. Next-token logits [B, V].
 
     With a cache, it is cleared and then filled with the keys/values of every
-    input and every latent (the prime, or a reset).
+    input and every latent (the prime, or a reset). The window holds no
+    padding and was checked where it entered (``_prepare_prompt``; drawn ids
+    are never PAD), so the forward takes the full-row path without reading
+    the tokens again.
     """
     if cache is not None:
         cache.clear()
-    return model(tokens, positions, num_latents=num_latents, cache=cache).logits[:, -1]
+    out = model(tokens, positions, num_latents=num_latents, cache=cache, full_rows=True, validate=False)
+    return out.logits[:, -1]
 
 
 @torch.no_grad()

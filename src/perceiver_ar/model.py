@@ -264,6 +264,9 @@ class PerceiverAR(Pretrained, nn.Module):
         positions: Tensor | None = None,
         num_latents: int | None = None,
         cache: ModelCache | None = None,
+        *,
+        full_rows: bool | None = None,
+        validate: bool = True,
     ) -> PerceiverAROutput:
         """Logits of the M latents for a right-padded batch.
 
@@ -275,11 +278,25 @@ class PerceiverAR(Pretrained, nn.Module):
         cache (generation only, see perceiver_ar.generate): an empty cache is
         filled with the keys/values of this forward (the prime or a reset);
         later tokens go through ``decode_step``.
+
+        full_rows: True when the caller knows no row has padding, so the
+        mask-free full-row kernels run; False builds the masks (right for any
+        batch); None (default) reads the inputs to decide, a host sync that is
+        skipped under ``torch.compile``, where None means False.
+        validate: run ``check_inputs`` first (default). It reads tensor values,
+        a host sync per call on a GPU and a graph break under compile, so
+        trusted callers that check their data where it enters (the trainer,
+        the evaluator, the generator) pass False; it never runs while compiling.
         """
         M = self.config.num_latents if num_latents is None else int(num_latents)
-        self.check_inputs(inputs, positions, M)
-        if cache is not None:
-            check_cache_fill(inputs, self.training)
+        if validate and not torch.compiler.is_compiling():
+            self.check_inputs(inputs, positions, M)
+            if cache is not None:
+                check_cache_fill(inputs, self.training)
+            if full_rows and not bool((inputs != PAD_ID).all()):
+                raise ValueError("full_rows=True but the inputs hold padding: pass full_rows=None or False")
+        if full_rows is None and not torch.compiler.is_compiling():
+            full_rows = bool((inputs != PAD_ID).all())
         inputs = inputs.long()
         M = min(M, inputs.shape[1])
         positions = default_positions(inputs) if positions is None else positions
@@ -293,7 +310,7 @@ class PerceiverAR(Pretrained, nn.Module):
             inputs, emb, rot_pos, input_keep, kept_index = self.cross_attend_dropout(inputs, emb, rot_pos, M)
 
         latent_index = latent_indices(sequence_lengths(inputs), M)  # [B, M]
-        masks = build_masks(inputs, latent_index, input_keep)
+        masks = build_masks(inputs, latent_index, input_keep, full_rows=bool(full_rows))
         if self.training and self.config.latent_dropout > 0:
             masks = with_latent_dropout(masks, latent_index, self.config.latent_dropout)
         gather = latent_index % inputs.shape[1]  # -1 wraps to T-1, as in the official code

@@ -30,7 +30,15 @@ import torch
 import torch.distributed as dist
 
 from .config import PRESETS, PerceiverARConfig
-from .data import RandomCrops, StreamWindows, crops_to_batch, make_sampler, max_position, targets_per_row
+from .data import (
+    RandomCrops,
+    StreamWindows,
+    check_batch,
+    crops_to_batch,
+    make_sampler,
+    max_position,
+    targets_per_row,
+)
 from .evaluate import evaluate, unigram_log2p
 from .loss import perceiver_ar_loss, shift_events
 from .model import PerceiverAR
@@ -106,7 +114,9 @@ class TrainConfig:
         "weights) or fp16 (autocast with a gradient scaler)",
     )
     threads: int = option(0, "CPU threads per process (0: cores / local processes)")
-    compile: bool = option(False, "torch.compile the training forward")
+    compile: bool = option(
+        False, "torch.compile the training forward (compiled once for full batches, once for short crops)"
+    )
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
 
@@ -246,6 +256,19 @@ def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> TrainStat
 # ----------------------------------------------------------------------------
 
 
+def compile_forward(module: torch.nn.Module) -> Any:
+    """``torch.compile`` of the training forward (``--compile``), for static shapes.
+
+    Every micro-batch of a run has the same shape [B, N], so the graph is
+    compiled for exact sizes (no dynamic-shape kernels). Its guards see one
+    Python value that changes between steps, ``full_rows``: a run compiles
+    at most two graphs (batches of full crops, and batches holding short
+    crops), each once, and never recompiles after. The forward is free of
+    host syncs and graph breaks (tests/test_compile.py).
+    """
+    return torch.compile(module, dynamic=False)
+
+
 def train_step(
     cfg: TrainConfig,
     rt: Runtime,
@@ -276,12 +299,15 @@ def train_step(
             local[micro * micro_batch : (micro + 1) * micro_batch],
             model_cfg.context_len,
         )
+        # Checked here on the host, so the forward neither reads values nor
+        # waits for the device: a row is full when its crop holds N + 1 events.
+        full_rows = check_batch(events, positions, model_cfg)
         inputs, targets = shift_events(torch.from_numpy(events).to(rt.device))
         positions = torch.from_numpy(positions).to(rt.device)
         # Only the last micro-step syncs gradients across ranks.
         sync = micro == cfg.grad_accum - 1 or rt.world_size == 1
         with contextlib.nullcontext() if sync else forward_model.no_sync(), rt.autocast():
-            out = forward_model(inputs, positions)
+            out = forward_model(inputs, positions, full_rows=full_rows, validate=False)
             loss = perceiver_ar_loss(out.logits, targets, out.latent_index, model_cfg.z_loss)
         # fp16: the scaler multiplies the loss so that small gradients survive (a no-op otherwise).
         state.scaler.scale(loss.total * (rt.world_size / global_targets)).backward()
@@ -374,7 +400,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ddp_ids = [rt.device.index] if rt.device.type == "cuda" else None
         forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
     if cfg.compile:
-        forward_model = torch.compile(forward_model)
+        forward_model = compile_forward(forward_model)
 
     # --- logging: rank 0 alone writes the run directory and prints
     if rt.is_main:
