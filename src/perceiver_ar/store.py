@@ -9,65 +9,157 @@ A store is a directory:
 
 Each document is a full event sequence as the model sees it (for text: SOS,
 data tokens offset by 3, EOS). Reading memory-maps the token file, so a corpus
-larger than memory works; writing streams documents to disk one at a time.
+larger than memory works; writing streams documents to disk one at a time
+(a long document piece by piece). meta.json's ``format`` is the store's
+marker: only a directory holding it (and nothing but store files) is ever
+replaced, and only when asked to (``overwrite``, ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .files import check_output_path, is_empty_dir, publish_dir, remove_temp, temp_dir_beside
+
 FORMAT = "perceiver-ar-store/1"
 META_NAME = "meta.json"
+# The files a store is made of: anything else in a directory means it is not (only) a store.
+STORE_FILE = re.compile(r"(meta\.json|[\w.-]+\.tokens\.bin|[\w.-]+\.offsets\.npy)")
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
-class StoreWriter:
-    """Stream documents into a new store; ``close()`` writes offsets and meta.json.
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a store written by this tool (its marker: meta.json's ``format``)."""
+    try:
+        meta = json.loads((Path(path) / META_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("format", "")).startswith("perceiver-ar-store/")
 
-    Files are written under ``<out>.tmp`` and renamed into place at the end,
-    so an interrupted run never leaves a store that looks complete.
+
+def check_store_output(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False
+) -> Path:
+    """Refuse an ``--out`` a store may not be written to; call it before any work.
+
+    A new or empty directory is fine. An existing store is replaced only with
+    ``overwrite`` and only when it holds nothing but store files. Anything
+    else, a path that equals or contains an input or the working directory, or
+    one inside an input folder, is refused with the fix named.
+    """
+    target = check_output_path(out, inputs)
+    if not target.exists() or is_empty_dir(target):
+        return target
+    if not is_store(target):
+        raise ValueError(
+            f"--out {out} exists, is not empty and is not a data store (no {META_NAME} of "
+            f"format {FORMAT}): choose another --out"
+        )
+    foreign = sorted(p.name for p in target.iterdir() if not STORE_FILE.fullmatch(p.name))
+    if foreign:
+        raise ValueError(
+            f"--out {out} is a data store but also holds other files ({', '.join(foreign[:3])}): "
+            "move them away or choose another --out"
+        )
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds a data store: pass --overwrite to replace it")
+    return target
+
+
+class StoreWriter:
+    """Stream documents into a new store; ``close()`` writes offsets and meta.json and publishes it.
+
+    ``out_dir`` is checked by ``check_store_output`` (``inputs``, ``overwrite``).
+    Files are written into a uniquely named temporary sibling that is renamed
+    into place at the end, so an interrupted run never leaves a store that
+    looks complete and never touches an existing one. Use it as a context
+    manager (or call ``abort()``) so an error removes the temporary folder.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, vocab_size: int, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        vocab_size: int,
+        meta: dict[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        inputs: Sequence[str | os.PathLike] = (),
+    ):
         self.out_dir = Path(out_dir)
-        self.tmp_dir = self.out_dir.with_name(self.out_dir.name + ".tmp")
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
+        self.overwrite = overwrite
+        self.inputs = list(inputs)
+        check_store_output(self.out_dir, self.inputs, overwrite)
+        self.tmp_dir: Path | None = temp_dir_beside(self.out_dir)
         self.vocab_size = int(vocab_size)
         self.dtype = _dtype_for(self.vocab_size)
         self.meta = dict(meta or {})
         self._files: dict[str, Any] = {}
         self._offsets: dict[str, list[int]] = {}
 
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
     def add(self, split: str, tokens: np.ndarray | list[int]) -> None:
         """Append one document (its full event sequence) to ``split``."""
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or arr.size == 0:
-            raise ValueError("a document must be a non-empty 1-D sequence of token ids")
-        if arr.min() < 0 or arr.max() >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {arr.min()}..{arr.max()}")
+        self.add_stream(split, [np.asarray(tokens)])
+
+    def add_stream(self, split: str, pieces: Iterable[np.ndarray]) -> int:
+        """Append one document given as consecutive pieces (a long file, tokenized chunk by chunk).
+
+        Only one piece is in memory at a time. Returns the document's length.
+        """
+        if self.tmp_dir is None:
+            raise ValueError("this StoreWriter is closed")
         if split not in self._files:
             self._files[split] = open(self.tmp_dir / f"{split}.tokens.bin", "wb")  # noqa: SIM115
             self._offsets[split] = [0]
-        self._files[split].write(arr.astype(self.dtype).tobytes())
-        self._offsets[split].append(self._offsets[split][-1] + arr.size)
+        f, n = self._files[split], 0
+        for piece in pieces:
+            arr = np.asarray(piece)
+            if arr.ndim != 1:
+                raise ValueError("a document must be a 1-D sequence of token ids")
+            if arr.size == 0:
+                continue
+            if arr.min() < 0 or arr.max() >= self.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.vocab_size}), got {arr.min()}..{arr.max()}"
+                )
+            f.write(arr.astype(self.dtype).tobytes())
+            n += arr.size
+        if n == 0:
+            raise ValueError("a document must be a non-empty 1-D sequence of token ids")
+        self._offsets[split].append(self._offsets[split][-1] + n)
+        return n
+
+    def abort(self) -> None:
+        """Drop everything written so far (the temporary folder only)."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        remove_temp(self.tmp_dir)
+        self.tmp_dir = None
 
     def close(self) -> Path:
+        if self.tmp_dir is None:
+            raise ValueError("this StoreWriter is closed")
         for f in self._files.values():
             f.close()
         if not self._offsets:
-            shutil.rmtree(self.tmp_dir)
+            self.abort()
             raise ValueError("no documents were written: the corpus is empty")
         splits = {}
         for split, offsets in self._offsets.items():
@@ -81,9 +173,14 @@ class StoreWriter:
             **self.meta,
         }
         (self.tmp_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp_dir, self.out_dir)
+        try:
+            # The output may have changed while we worked: check it again before replacing it.
+            check_store_output(self.out_dir, self.inputs, self.overwrite)
+            publish_dir(self.tmp_dir, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        self.tmp_dir = None
         return self.out_dir
 
 

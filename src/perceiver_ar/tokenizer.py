@@ -28,6 +28,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b + TOKEN_OFFSET for b in text.encode("utf-8")]
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as an int64 array, without a Python int per byte (long texts)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + TOKEN_OFFSET
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the data ids; special ids are skipped, broken UTF-8 becomes U+FFFD."""
         data = bytes(int(i) - TOKEN_OFFSET for i in ids if int(i) >= TOKEN_OFFSET)
@@ -77,6 +81,9 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids if int(i) >= TOKEN_OFFSET])
 
@@ -98,8 +105,8 @@ Tokenizer = ByteTokenizer | BPETokenizer
 
 def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """The event sequence of one document: SOS, its tokens, EOS."""
-    ids = tokenizer.encode(text)
-    return np.asarray([SOS_ID, *ids, EOS_ID], dtype=np.int64)
+    ids = tokenizer.encode_array(text)
+    return np.concatenate([[SOS_ID], ids, [EOS_ID]]).astype(np.int64)
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:

@@ -16,6 +16,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="*", help="WAV files (integer PCM) or folders of them")
     p.add_argument("--out", required=True, help="the store directory to write")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the data store already at --out (only a data store is ever replaced)",
+    )
+    p.add_argument(
         "--default",
         action="store_true",
         help="the default data: 18 min of 8 kHz music from the Debian package asterisk-moh-opsound-wav "
@@ -57,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         max_seconds=args.max_seconds,
         on_error=args.on_error,
+        overwrite=args.overwrite,
     )
     meta = TokenStore(out).meta
     rate_hz = meta["sample_rate"]

@@ -15,6 +15,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--length", type=int, required=True, help="events per sequence N (even, >= 4)")
     p.add_argument("--out", required=True, help="the store directory to write")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the data store already at --out (only a data store is ever replaced)",
+    )
     p.add_argument("--num-train", type=int, default=10_000, help="training sequences (default 10000)")
     p.add_argument("--num-validation", type=int, default=256, help="validation sequences (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (validation uses seed + 1)")
@@ -27,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     half_length(args.length)  # validates the length before anything is written
     if args.num_train < 1 or args.num_validation < 1:
         raise ValueError("--num-train and --num-validation must be >= 1")
-    out = write_copy_store(args.out, args.length, args.num_train, args.num_validation, args.seed)
+    out = write_copy_store(
+        args.out, args.length, args.num_train, args.num_validation, args.seed, overwrite=args.overwrite
+    )
     print(
         f"wrote {out}: {args.num_train} train + {args.num_validation} validation copy sequences "
         f"of {args.length} events"

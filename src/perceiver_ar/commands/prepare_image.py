@@ -19,6 +19,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="the store directory to write")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the data store already at --out (only a data store is ever replaced)",
+    )
+    p.add_argument(
         "--dataset",
         choices=("fashion-mnist", "digits"),
         help="a built-in data set instead of paths: fashion-mnist (70,000 28x28 grey images, Debian "
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         positions=args.positions,
         on_error=args.on_error,
+        overwrite=args.overwrite,
     )
     meta = TokenStore(out).meta
     counts = ", ".join(f"{k} {v['num_docs']}" for k, v in meta["splits"].items())

@@ -17,6 +17,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="*", help="MIDI files (.mid, .midi) or folders of them")
     p.add_argument("--out", required=True, help="the store directory to write")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the data store already at --out (only a data store is ever replaced)",
+    )
+    p.add_argument(
         "--corpus",
         choices=("bach", "beethoven", "oneills1850", "ryansMammoth"),
         help="a public-domain subset of the music21 corpus instead of paths (bach: 400+ chorales); "
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         limit=args.limit,
         on_error=args.on_error,
+        overwrite=args.overwrite,
     )
     meta = TokenStore(out).meta
     counts = ", ".join(

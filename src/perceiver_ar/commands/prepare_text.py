@@ -20,6 +20,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="the store directory to write")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the data store already at --out (only a data store is ever replaced)",
+    )
+    p.add_argument(
         "--tokenizer",
         choices=("bytes", "bpe"),
         default="bytes",
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         seed=args.seed,
         progress=True,
+        overwrite=args.overwrite,
     )
     meta = TokenStore(out).meta
     parts = [

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store import StoreWriter
+from ..store import StoreWriter, check_store_output
 from ..vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 from . import assign_splits, find_files, handle_bad_file, split_keys
 
@@ -174,11 +174,13 @@ def prepare_audio(
     test_fraction: float = 0.2,
     max_seconds: float | None = None,
     on_error: str = "stop",
+    overwrite: bool = False,
 ) -> Path:
     """Write an audio store from WAV files/folders (split by file) or the asterisk default set.
 
     ``rate=None`` keeps each file's rate, which must then be the same for all.
     ``max_seconds`` keeps only the start of each file (for quick runs).
+    ``overwrite``: replace an existing store at ``out`` (see ``store.check_store_output``).
     """
     if default:
         if paths:
@@ -194,34 +196,42 @@ def prepare_audio(
         splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
         plan = [(f, splits[keys[f]]) for f in files]
         source = "files"
+    inputs = [*(paths or []), *(f for f, _ in plan)]
+    check_store_output(out, inputs, overwrite)
     writer = None
     store_rate = rate
-    for f, split in plan:
-        try:
-            x, file_rate = read_wav(f)
-        except ValueError as e:
-            handle_bad_file(f, str(e).removeprefix(f"{f}: "), on_error)
-            continue
-        target = file_rate if rate is None else int(rate)
-        if store_rate is None:
-            store_rate = target
-        elif target != store_rate:
-            handle_bad_file(
-                f, f"its rate {target} Hz differs from the store's {store_rate} Hz (use --rate)", on_error
-            )
-            continue
-        x = resample(x, file_rate, target)
-        if max_seconds is not None:
-            x = x[: int(max_seconds * target)]
-        if x.size == 0:
-            handle_bad_file(f, "holds no samples", on_error)
-            continue
+    try:
+        for f, split in plan:
+            try:
+                x, file_rate = read_wav(f)
+            except ValueError as e:
+                handle_bad_file(f, str(e).removeprefix(f"{f}: "), on_error)
+                continue
+            target = file_rate if rate is None else int(rate)
+            if store_rate is None:
+                store_rate = target
+            elif target != store_rate:
+                handle_bad_file(
+                    f, f"its rate {target} Hz differs from the store's {store_rate} Hz (use --rate)", on_error
+                )
+                continue
+            x = resample(x, file_rate, target)
+            if max_seconds is not None:
+                x = x[: int(max_seconds * target)]
+            if x.size == 0:
+                handle_bad_file(f, "holds no samples", on_error)
+                continue
+            if writer is None:
+                meta = audio_meta(target, source)
+                writer = StoreWriter(out, VOCAB_SIZE, meta, overwrite=overwrite, inputs=inputs)
+            writer.add(split, samples_to_tokens(x))
         if writer is None:
-            writer = StoreWriter(out, VOCAB_SIZE, audio_meta(target, source))
-        writer.add(split, samples_to_tokens(x))
-    if writer is None:
-        raise ValueError("no readable WAV file: the corpus is empty")
-    return writer.close()
+            raise ValueError("no readable WAV file: the corpus is empty")
+        return writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
 
 
 # ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 from ..data import IMAGE_POSITION_KINDS as POSITION_KINDS
 from ..data import crop_positions as crop_positions
 from ..data import image_positions as image_positions
-from ..store import StoreWriter
+from ..store import StoreWriter, check_store_output
 from ..vocab import SOS_ID, TOKEN_OFFSET
 from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 
@@ -244,13 +244,13 @@ def image_meta(shape: tuple[int, int, int], source: str, positions: str = "axes"
 
 
 def _write_arrays(
-    out: str | os.PathLike, arrays: dict[str, Iterator[np.ndarray]], shape, source, positions
+    out: str | os.PathLike, arrays: dict[str, Iterator[np.ndarray]], shape, source, positions, overwrite: bool
 ) -> Path:
-    writer = StoreWriter(out, VOCAB_SIZE, image_meta(shape, source, positions))
-    for split, images in arrays.items():
-        for img in images:
-            writer.add(split, image_to_tokens(img))
-    return writer.close()
+    with StoreWriter(out, VOCAB_SIZE, image_meta(shape, source, positions), overwrite=overwrite) as writer:
+        for split, images in arrays.items():
+            for img in images:
+                writer.add(split, image_to_tokens(img))
+        return writer.close()
 
 
 def prepare_images(
@@ -267,6 +267,7 @@ def prepare_images(
     limit: int | None = None,
     positions: str = "axes",
     on_error: str = "stop",
+    overwrite: bool = False,
 ) -> Path:
     """Write an image store from files/folders or a named data set.
 
@@ -274,6 +275,7 @@ def prepare_images(
     valid; test 10,000) or "digits" (split by index). Folders are split by a
     hash of each file's path; ``limit`` caps the images per split.
     ``positions`` is "axes" (per-axis absolute tables) or "flat" (rotary).
+    ``overwrite``: replace an existing store at ``out`` (see ``store.check_store_output``).
     """
     image_meta((1, 1, 1), "", positions)  # checks ``positions`` before any work
     if channels not in (None, 1, 3):
@@ -287,6 +289,7 @@ def prepare_images(
             raise ValueError("give either input paths or --dataset, not both")
         if size is not None or channels == 3:
             raise ValueError(f"--dataset {dataset} has a fixed size and is grey; leave out --size/--channels")
+        check_store_output(out, [idx_dir] if idx_dir else [], overwrite)
         if dataset == "fashion-mnist":
             data = fashion_mnist(idx_dir)
             train, test = data["train"], data["test"]
@@ -295,7 +298,7 @@ def prepare_images(
                 "validation": capped(train[-2000:]),
                 "test": capped(test),
             }
-            return _write_arrays(out, arrays, (28, 28, 1), "fashion-mnist", positions)
+            return _write_arrays(out, arrays, (28, 28, 1), "fashion-mnist", positions, overwrite)
         if dataset == "digits":
             imgs = digits()
             n_test, n_validation = len(imgs) // 10, len(imgs) // 20
@@ -304,7 +307,7 @@ def prepare_images(
                 "validation": capped(imgs[len(imgs) - n_test - n_validation : len(imgs) - n_test]),
                 "test": capped(imgs[len(imgs) - n_test :]),
             }
-            return _write_arrays(out, arrays, (8, 8, 1), "sklearn-digits", positions)
+            return _write_arrays(out, arrays, (8, 8, 1), "sklearn-digits", positions, overwrite)
         raise ValueError(f"unknown image data set {dataset!r}; choose fashion-mnist or digits")
 
     if not paths:
@@ -316,21 +319,23 @@ def prepare_images(
     keys = split_keys(files)
     splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
     shape = (size[0], size[1], channels)
-    writer = StoreWriter(out, VOCAB_SIZE, image_meta(shape, "files", positions))
-    counts = {"train": 0, "validation": 0, "test": 0}
-    for f in files:
-        split = splits[keys[f]]
-        if limit is not None and counts[split] >= limit:
-            continue
-        try:
-            images = read_image_file(f, size, channels, fit)
-        except Exception as e:  # PIL raises many kinds for broken files
-            handle_bad_file(f, f"not a readable image ({describe(e)})", on_error)
-            continue
-        for img in images:
-            writer.add(split, image_to_tokens(img))
-            counts[split] += 1
-    return writer.close()
+    inputs = [*paths, *files]
+    meta = image_meta(shape, "files", positions)
+    with StoreWriter(out, VOCAB_SIZE, meta, overwrite=overwrite, inputs=inputs) as writer:
+        counts = {"train": 0, "validation": 0, "test": 0}
+        for f in files:
+            split = splits[keys[f]]
+            if limit is not None and counts[split] >= limit:
+                continue
+            try:
+                images = read_image_file(f, size, channels, fit)
+            except Exception as e:  # PIL raises many kinds for broken files
+                handle_bad_file(f, f"not a readable image ({describe(e)})", on_error)
+                continue
+            for img in images:
+                writer.add(split, image_to_tokens(img))
+                counts[split] += 1
+        return writer.close()
 
 
 # ----------------------------------------------------------------------------

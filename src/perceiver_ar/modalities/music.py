@@ -24,12 +24,14 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..store import StoreWriter
+from ..files import atomic_write
+from ..store import StoreWriter, check_store_output
 from ..vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 from . import assign_splits, describe, find_files, handle_bad_file, split_keys
 
@@ -298,13 +300,15 @@ def music21_midi_files(
                 bar.update(1)
             if data is None:
                 continue
-            tmp = target.with_suffix(".mid.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)  # a half-written file never looks cached
+            atomic_write(target, partial(_write_bytes, data=data))  # never half-written
         result.append(target)
     if bar is not None:
         bar.close()
     return result
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    Path(path).write_bytes(data)
 
 
 def render_score_to_midi(path: str | os.PathLike) -> bytes:
@@ -348,8 +352,13 @@ def prepare_music(
     test_fraction: float = 0.1,
     limit: int | None = None,
     on_error: str = "stop",
+    overwrite: bool = False,
 ) -> Path:
-    """Write a music store from MIDI files/folders or a music21 corpus subset (split by piece)."""
+    """Write a music store from MIDI files/folders or a music21 corpus subset (split by piece).
+
+    ``overwrite``: replace an existing store at ``out`` (see ``store.check_store_output``).
+    """
+    check_store_output(out, [*(paths or []), *([cache_dir] if cache_dir else [])], overwrite)
     if corpus is not None:
         if paths:
             raise ValueError("give either MIDI paths or --corpus, not both")
@@ -364,20 +373,19 @@ def prepare_music(
         source = "files"
     keys = {f: f.name for f in files} if corpus else split_keys(files)
     splits = assign_splits(list(keys.values()), validation_fraction, test_fraction)
-    writer = StoreWriter(out, VOCAB_SIZE, music_meta(source))
-    written = 0
-    for f in files:
-        try:
-            tokens = midi_to_tokens(f)
-        except Exception as e:  # mido raises OSError, EOFError, ValueError, ... on broken files
-            handle_bad_file(f, f"not a readable MIDI file ({describe(e)})", on_error)
-            continue
-        if tokens.size <= 2:
-            handle_bad_file(f, "holds no notes", on_error)
-            continue
-        writer.add(splits[keys[f]], tokens)
-        written += 1
-    return writer.close()
+    inputs = [*(paths or []), *files]
+    with StoreWriter(out, VOCAB_SIZE, music_meta(source), overwrite=overwrite, inputs=inputs) as writer:
+        for f in files:
+            try:
+                tokens = midi_to_tokens(f)
+            except Exception as e:  # mido raises OSError, EOFError, ValueError, ... on broken files
+                handle_bad_file(f, f"not a readable MIDI file ({describe(e)})", on_error)
+                continue
+            if tokens.size <= 2:
+                handle_bad_file(f, "holds no notes", on_error)
+                continue
+            writer.add(splits[keys[f]], tokens)
+        return writer.close()
 
 
 # ----------------------------------------------------------------------------
