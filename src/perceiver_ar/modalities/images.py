@@ -289,7 +289,7 @@ def prepare_images(
             raise ValueError("give either input paths or --dataset, not both")
         if size is not None or channels == 3:
             raise ValueError(f"--dataset {dataset} has a fixed size and is grey; leave out --size/--channels")
-        check_store_output(out, [idx_dir] if idx_dir else [], overwrite)
+        check_store_output(out, [], overwrite)  # before the data set is read
         if dataset == "fashion-mnist":
             data = fashion_mnist(idx_dir)
             train, test = data["train"], data["test"]
