@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,14 @@ POSITION_ENCODINGS = ("rotary", "absolute")
 ABSOLUTE_TABLES = ("learned", "sinusoidal")
 ACTIVATIONS = ("sq_relu", "gelu")
 CROSS_ATTEND_DROPOUT_MODES = ("mask", "drop")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -59,12 +68,35 @@ class PerceiverARConfig:
     checkpoint_latent_layers: bool = False
 
     def __post_init__(self) -> None:
+        self.check_types()
         self.position_table_sizes = tuple(int(s) for s in self.position_table_sizes)
         if self.max_wavelength is None:
             self.max_wavelength = self.context_len
         if not self.position_table_sizes:
             self.position_table_sizes = (self.context_len + 1,)
         self.validate()
+
+    def check_types(self) -> None:
+        """Refuse a field of the wrong kind (``num_latents=2.5``, ``dropout="x"``) before it is used."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "position_table_sizes":
+                ok = isinstance(value, list | tuple) and all(_is_int(v) for v in value)
+                kind = "a list of integers"
+            elif f.name == "max_wavelength":
+                ok, kind = value is None or _is_int(value), "an integer (or null)"
+            elif f.type in ("int", int):
+                ok, kind = _is_int(value), "an integer"
+            elif f.type in ("float", float):
+                ok, kind = _is_number(value), "a finite number"
+            elif f.type in ("bool", bool):
+                ok, kind = isinstance(value, bool), "true or false"
+            elif f.type in ("str", str):
+                ok, kind = isinstance(value, str), "a string"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"invalid PerceiverARConfig: {f.name} must be {kind}, got {value!r}")
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
