@@ -223,6 +223,15 @@ def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
     return out
 
 
+def accepts(kind, value: str) -> bool:
+    """Whether an argparse ``type=`` takes ``value``."""
+    try:
+        kind(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+    return True
+
+
 def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
     """Documented placeholders (N, RUN_DIR, ..., <x>) become values of the type their option wants."""
     out = []
@@ -231,8 +240,8 @@ def fill_placeholders(parser: argparse.ArgumentParser, args: list[str]) -> list[
             action = parser._option_string_actions.get(args[i - 1]) if i else None
             if action is not None and action.choices:
                 a = str(next(iter(action.choices)))
-            elif action is not None and action.type in (int, float):
-                a = "4"
+            elif action is not None and action.type not in (None, str):  # int, float or a checked value
+                a = next((v for v in ("4", "0.5", "x") if accepts(action.type, v)), "x")
             else:
                 a = "x"
         out.append(a)

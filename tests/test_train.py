@@ -70,6 +70,7 @@ def test_a_run_learns_and_writes_its_directory(store, tmp_path):
         "optimizer.safetensors",
         "train_state.json",
         "MANIFEST.json",
+        "provenance.json",
     }
     assert (run / "loss.png").stat().st_size > 1000
     model = PerceiverAR.from_pretrained(str(run / "model"))
@@ -124,7 +125,10 @@ def test_run_directory_guards(store, tmp_path):
     train(config(store, tmp_path / "run", steps=2))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(config(store, tmp_path / "run", steps=4))
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="there is no run to resume"):
+        train(config(store, tmp_path / "empty", resume=True))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is not a training run"):
         train(config(store, tmp_path / "empty", resume=True))
     with pytest.raises(ValueError, match="divisible"):
         train(config(store, tmp_path / "odd", batch_size=6, grad_accum=4))

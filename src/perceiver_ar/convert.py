@@ -11,6 +11,8 @@ model computes.
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import is_model_dir
 from .config import PerceiverARConfig
+from .files import check_output_path, is_empty_dir, publish_dir, remove_temp, temp_dir_beside
 from .model import PerceiverAR
 
 ROOT = "perceiver_ar"
@@ -252,6 +256,10 @@ def from_official(params: Mapping[str, Any], config: Mapping[str, Any]) -> Perce
     return model
 
 
+# What numpy raises on a truncated or damaged .npz (a zip of .npy files).
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def load_official_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read the ``params/...`` arrays of an ``.npz`` dump (no pickle)."""
     try:
@@ -259,34 +267,67 @@ def load_official_npz(path: str | Path) -> dict[str, np.ndarray]:
             keys = [k for k in data.files if k.startswith("params/")] or [
                 k for k in data.files if "/" in k and k.startswith(ROOT)
             ]
-            if not keys:
-                raise ValueError(f"{path} holds no official parameters (keys like 'params/perceiver_ar/...')")
-            return {k.removeprefix("params/"): data[k] for k in keys}
-    except (OSError, ValueError) as e:
-        if isinstance(e, ValueError) and "holds no official" in str(e):
-            raise
-        raise ValueError(f"cannot read {path} as an .npz parameter file: {e}") from None
+            params = {k.removeprefix("params/"): data[k] for k in keys}
+    except NPZ_ERRORS as e:
+        raise ValueError(
+            f"cannot read {path} as an .npz parameter file (truncated or damaged?): {e}"
+        ) from None
+    if not params:
+        raise ValueError(f"{path} holds no official parameters (keys like 'params/perceiver_ar/...')")
+    return params
 
 
 def read_official_config(path: str | Path) -> dict[str, Any]:
     """Read official kwargs from a JSON file or from the ``config_json`` of an .npz."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "config_json" not in data.files:
-                raise ValueError(f"{path} holds no config_json")
-            return json.loads(str(data["config_json"]))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "config_json" not in data.files:
+                    raise ValueError(f"{path} holds no config_json")
+                text = str(data["config_json"])
+        except NPZ_ERRORS as e:
+            raise ValueError(f"cannot read {path} as an .npz file (truncated or damaged?): {e}") from None
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the config_json of {path} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(
+                f"the config_json of {path} must be a JSON object of PerceiverAR keyword arguments"
+            )
+        return cfg
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise ValueError(f"cannot read the official config {path}: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object of PerceiverAR keyword arguments")
     return cfg
 
 
-def convert_official(params_path: str | Path, config_path: str | Path, out_dir: str | Path) -> PerceiverAR:
-    """Convert an official .npz dump and its kwargs JSON into a model directory."""
+def convert_official(
+    params_path: str | Path, config_path: str | Path, out_dir: str | Path, overwrite: bool = False
+) -> PerceiverAR:
+    """Convert an official .npz dump and its kwargs JSON into a model directory.
+
+    ``out_dir`` must be new or empty, or (with ``overwrite``) a model directory;
+    the model is written aside and renamed into place.
+    """
+    out = check_output_path(out_dir, [params_path, config_path], flag="out_dir", scanned=False)
+    if out.exists() and not is_empty_dir(out):
+        if not is_model_dir(out):
+            raise ValueError(
+                f"out_dir {out_dir} is not empty and is not a model directory: choose another out_dir"
+            )
+        if not overwrite:
+            raise ValueError(f"out_dir {out_dir} already holds a model: pass --overwrite to replace it")
     model = from_official(load_official_npz(params_path), read_official_config(config_path))
-    model.save_pretrained(str(out_dir))
+    tmp = temp_dir_beside(out)
+    try:
+        model.save_pretrained(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        remove_temp(tmp)
+        raise
     return model

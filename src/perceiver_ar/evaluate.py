@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .data import check_batch, positions_for_crop
 from .model import PerceiverAR
+from .provenance import check_store
 from .store import Split, TokenStore
 from .tokenizer import tokenizer_from_dict
 from .vocab import PAD_ID
@@ -203,11 +204,9 @@ def evaluate_store(
 ) -> dict[str, Any]:
     """``evaluate`` on a split of a store, plus the unigram baseline when it has a train split."""
     store = TokenStore(data_dir)
-    if store.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"the data in {data_dir} has vocab_size {store.vocab_size} but the model only "
-            f"{model.config.vocab_size}: evaluate on data made with the model's tokenizer"
-        )
+    # The store must hold the kind of data the model was trained on (its
+    # provenance); a model without one is checked by vocabulary size.
+    check_store(model.provenance, model.config.vocab_size, store.meta, str(data_dir))
     byte_lengths = token_byte_lengths(store.meta)
     log2p = None
     if baseline and "train" in store.split_names:

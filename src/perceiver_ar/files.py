@@ -121,11 +121,15 @@ def is_empty_dir(path: Path) -> bool:
 
 
 def check_output_path(
-    out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), flag: str = "--out"
+    out: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] = (),
+    flag: str = "--out",
+    scanned: bool = True,
 ) -> Path:
     """Refuse an output path that is a file, or that equals or contains an input or the working directory.
 
-    An output inside an input folder is refused too: its files would be read
+    With ``scanned`` (inputs are folders read whole, as prepare reads them),
+    an output inside an input folder is refused too: its files would be read
     as input the next time. Returns the path, resolved.
     """
     target = Path(out).resolve()
@@ -138,7 +142,7 @@ def check_output_path(
         source = Path(raw).resolve()
         if target == source or target in source.parents:
             raise ValueError(f"{flag} {out} contains the input {raw}: choose another {flag}")
-        if source.is_dir() and source in target.parents:
+        if scanned and source.is_dir() and source in target.parents:
             raise ValueError(
                 f"{flag} {out} lies inside the input folder {raw} (it would be read as input next time): "
                 f"choose another {flag}"

@@ -15,6 +15,7 @@ logits (the tests check this).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -276,11 +277,11 @@ def generate_stream(
     M = cfg.num_latents
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # NaN fails this too
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     fill = max(M // 2, 1) if reset_fill is None else int(reset_fill)
     if not 1 <= fill <= M:
@@ -289,6 +290,10 @@ def generate_stream(
     B = prompt.shape[0]
     device = prompt.device
     stop = None if not stop_tokens else torch.as_tensor(list(stop_tokens), device=device)
+    if stop is not None and (
+        stop.is_floating_point() or int(stop.min()) < 0 or int(stop.max()) >= cfg.vocab_size
+    ):
+        raise ValueError(f"stop_tokens must be ids in [0, {cfg.vocab_size}), got {list(stop_tokens)}")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
     cache = KVCache.for_model(model, B) if use_cache else None
     history = _History(prompt, positions, max_new_tokens, cfg)

@@ -27,7 +27,6 @@ reproduces a file's tokens exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -40,14 +39,35 @@ import torch
 
 from .data import positions_for_crop
 from .evaluate import evaluate
+from .files import check_output_path, is_empty_dir, write_json
 from .generate import DEFAULT_TEMPERATURE, generate
 from .modalities import audio, images, music
 from .model import PerceiverAR
+from .provenance import check_store
 from .store import TokenStore
 from .vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 
 METRIC_NAMES = {"image": "bits_per_dim", "music": "bits_per_event", "audio": "bits_per_sample"}
 PIXEL_IDS = range(TOKEN_OFFSET, TOKEN_OFFSET + 256)  # what an image model may draw
+
+
+# The files that mark a folder as render's own output.
+RENDER_MARKERS = ("render.json", "score.json")
+
+
+def check_render_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """``--out`` of render: a new or empty folder, or one render wrote before (it holds render.json)."""
+    target = check_output_path(out, inputs, scanned=False)
+    if (
+        target.exists()
+        and not is_empty_dir(target)
+        and not any((target / n).is_file() for n in RENDER_MARKERS)
+    ):
+        raise ValueError(
+            f"--out {out} is not empty and holds no render.json (render writes samples.png, tokens.npz, ... "
+            "there): choose another --out"
+        )
+    return target
 
 
 def modality_of(meta: dict[str, Any]) -> str:
@@ -81,8 +101,7 @@ def score(
     ``autocast_dtype``: as ``evaluate``'s (the command passes the runtime's precision).
     """
     modality = modality_of(store.meta)
-    if store.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the store's vocabulary ({store.vocab_size}) is larger than the model's")
+    check_store(model.provenance, model.config.vocab_size, store.meta, str(store.dir))
     result = evaluate(
         model,
         store.split(split),
@@ -313,11 +332,12 @@ def render(
     """
     store = TokenStore(data_dir)
     modality = modality_of(store.meta)
-    out = Path(out_dir)
+    check_store(model.provenance, model.config.vocab_size, store.meta, str(data_dir))
+    out = check_render_output(out_dir, [data_dir])
     out.mkdir(parents=True, exist_ok=True)
     fn = {"image": render_images, "music": render_music, "audio": render_audio}[modality]
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     result = fn(model, store, out, num_samples, sampling, seed, **kwargs)
     result.update(modality=modality, sampling=dict(sampling, seed=seed))
-    (out / "render.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "render.json", result)
     return result

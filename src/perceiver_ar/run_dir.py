@@ -1,36 +1,68 @@
-"""A training run's directory: its config, metrics log, checkpoints and published model.
+"""A training run's directory: its marker and lock, config, log, checkpoints and published model.
 
+    run.json                    the marker: this directory is a training run (format, data store)
+    run.lock, run.lock.json     held by the one process writing the run (and who that is)
     train_config.json           the run config (the model config lives with the weights)
+    run.log                     what happened to the run: starts, resumes, changed settings, errors
     metrics.jsonl               one JSON line per step, plus eval lines
-    checkpoints/step_000123/    config.json + model.safetensors (a model directory),
-                                optimizer.safetensors, train_state.json, MANIFEST.json
+    checkpoints/step_000123/    a model directory (config.json, model.safetensors, provenance.json)
+                                plus optimizer.safetensors, train_state.json, MANIFEST.json
     model/                      the latest weights, loadable by PerceiverAR.from_pretrained
     loss.png                    the loss curve, drawn at the end (plots.py)
     tensorboard/                when TensorBoard is installed
 
-A checkpoint counts only once its MANIFEST.json is written (files go to a
-temporary folder that is renamed into place); the last ``keep`` are kept.
-No pickle is ever written or read: tensors go through safetensors,
-everything else through JSON. Only rank 0 writes here.
+``train --out`` only writes a new or empty directory or a run (run.json);
+one process at a time holds its lock (``filelock``: released by the kernel
+when a process dies, so a killed run's lock is taken over at once). A
+checkpoint counts only once its MANIFEST.json (every file with its size and
+SHA-256) is written: files go to a uniquely named temporary folder, are
+fsynced and renamed into place; the last ``keep`` are kept. A resume verifies
+the newest checkpoint's checksums and falls back to the previous one when
+they fail. No pickle is ever written or read. Only rank 0 writes here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import (
+    MANIFEST_NAME,
+    manifest_problem,
+    non_finite_tensors,
+    save_model,
+    sha256_file,
+    write_manifest,
+)
+from .files import (
+    check_output_path,
+    is_empty_dir,
+    publish_dir,
+    read_json,
+    remove_temp,
+    temp_dir_beside,
+    write_json,
+)
 from .model import PerceiverAR
 
+RUN_MARKER = "run.json"
+RUN_FORMAT = "perceiver-ar-run/1"
+LOCK = "run.lock"
+LOCK_HOLDER = "run.lock.json"
+RUN_LOG = "run.log"
 CHECKPOINTS = "checkpoints"
-MANIFEST = "MANIFEST.json"
+MANIFEST = MANIFEST_NAME
 TRAIN_CONFIG = "train_config.json"
 TRAIN_STATE = "train_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -38,6 +70,24 @@ METRICS = "metrics.jsonl"
 MODEL = "model"
 LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
+
+# Settings a resumed run may change (README "Safety"): they do not change what
+# the model computes or the data it sees. --steps only upwards (it extends the
+# schedule); the rest is evaluation, logging, checkpoint cadence and the session.
+SAFE_ON_RESUME = (
+    "steps",
+    "stop_at",
+    "eval_every",
+    "eval_tokens",
+    "eval_batch_size",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "progress",
+    "tensorboard",
+    "device",
+    "threads",
+)
 
 
 @dataclass
@@ -57,15 +107,152 @@ class TrainState:
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
 
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------
+# The directory: marker and lock
+# ----------------------------------------------------------------------------
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training run (its marker, run.json)."""
+    marker = read_json(Path(path) / RUN_MARKER)
+    return isinstance(marker, dict) and str(marker.get("format", "")).startswith("perceiver-ar-run/")
+
+
+def is_legacy_run(path: str | os.PathLike) -> bool:
+    """A run written before run.json existed: its train_config.json and a checkpoint with our manifest."""
+    path = Path(path)
+    return (
+        not (path / RUN_MARKER).exists()
+        and isinstance(read_json(path / TRAIN_CONFIG), dict)
+        and bool(list_checkpoints(path))
+    )
+
+
+def store_fingerprint(data_dir: str | os.PathLike) -> str | None:
+    """SHA-256 of a store's meta.json: the same store, moved, keeps it; a re-prepared one changes it."""
+    meta = Path(data_dir) / "meta.json"
+    return sha256_file(meta) if meta.is_file() else None
+
+
+def write_run_marker(run_dir: Path, data_dir: str) -> None:
+    write_json(
+        run_dir / RUN_MARKER,
+        {
+            "format": RUN_FORMAT,
+            "created": now(),
+            "data": str(data_dir),
+            "data_meta_sha256": store_fingerprint(data_dir),
+        },
+    )
+
+
+class RunLock:
+    """The one writer of a run directory: an OS file lock on run.lock, its holder recorded in run.lock.json.
+
+    The lock is the kernel's (``filelock`` on ``flock``): a process that dies,
+    even by kill -9, releases it, so a stale lock is never in the way and a
+    resume takes over at once.
+    """
+
+    def __init__(self, run_dir: Path, created: tuple[str, ...] = (), created_dir: bool = False):
+        self.run_dir = run_dir
+        self.created = {*created, *(() if (run_dir / LOCK).exists() else (LOCK,))}
+        self.created_dir = created_dir
+        self.lock = FileLock(str(run_dir / LOCK))
+
+    def acquire(self) -> RunLock:
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            holder = read_json(self.run_dir / LOCK_HOLDER) or {}
+            who = (
+                f"PID {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+            )
+            raise ValueError(
+                f"{self.run_dir} is in use by another training process ({who}): "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        write_json(
+            self.run_dir / LOCK_HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        )
+        return self
+
+    def release(self, abandon: bool = False) -> None:
+        """Let go of the run. ``abandon``: the run failed before writing anything, so the files this
+        claim created (marker, lock, the folder itself) are removed again, and only those."""
+        if not self.lock.is_locked:
+            return
+        with contextlib.suppress(OSError):
+            (self.run_dir / LOCK_HOLDER).unlink()
+        self.lock.release()
+        if abandon and {p.name for p in self.run_dir.iterdir()} <= self.created:
+            for name in self.created:
+                with contextlib.suppress(OSError):
+                    (self.run_dir / name).unlink()
+            if self.created_dir:
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.release(abandon=exc_type is not None)
+
+
+def claim_run_dir(run_dir: Path, resume: bool, data_dir: str, inputs: list[str]) -> RunLock:
+    """Check that ``run_dir`` may be written, create and mark it, and take its lock.
+
+    A new run needs a new or empty directory or a run (run.json); a resume
+    needs a run (or one written before run.json existed, which gets its
+    marker now). Anything else is refused, naming the fix.
+    """
+    check_output_path(run_dir, inputs, scanned=False)
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir} does not exist: there is no run to resume")
+        if not (is_run_dir(run_dir) or is_legacy_run(run_dir)):
+            raise ValueError(
+                f"{run_dir} is not a training run (no {RUN_MARKER}) or has no complete checkpoint "
+                "to resume from"
+            )
+    elif run_dir.exists() and not is_empty_dir(run_dir) and not is_run_dir(run_dir):
+        raise ValueError(
+            f"--out {run_dir} is not empty and is not a training run (no {RUN_MARKER}): choose another --out"
+        )
+    created_dir = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    created = () if (run_dir / RUN_MARKER).exists() else (RUN_MARKER,)
+    if created:
+        write_run_marker(run_dir, data_dir)
+    return RunLock(run_dir, created, created_dir).acquire()
+
+
+def check_same_store(run_dir: Path, data_dir: str) -> None:
+    """A resumed run trains on the store it started with (the same meta.json, wherever it now lies)."""
+    marker = read_json(run_dir / RUN_MARKER) or {}
+    recorded = marker.get("data_meta_sha256")
+    if recorded is None:  # a run from before run.json: it records no store fingerprint
+        return
+    if store_fingerprint(data_dir) != recorded:
+        raise ValueError(
+            f"the store {data_dir} is not the one {run_dir} started on ({marker.get('data')}, which has "
+            "another meta.json): resume on the original store, or start a new run"
+        )
+
+
 # ----------------------------------------------------------------------------
 # The run config
 # ----------------------------------------------------------------------------
 
 
 def write_train_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """Create the run directory and (re)write its train_config.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    """(Re)write the run's train_config.json, atomically."""
+    write_json(run_dir / TRAIN_CONFIG, config)
 
 
 def read_train_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -73,7 +260,37 @@ def read_train_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / TRAIN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
-    return json.loads(path.read_text())
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path} is not a JSON object: restore it from a checkpoint's run or start a new run"
+        )
+    return config
+
+
+def flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def resume_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings a resume changes, as ``--flag old -> new``; refuses unsafe ones, listing them all.
+
+    ``saved`` and ``new`` are complete run configs. Only ``SAFE_ON_RESUME``
+    may differ, --steps only upwards; ``out``, ``resume``, ``stop_at`` (a
+    setting of each session) and ``data`` (whose store is checked by content
+    instead) are not compared.
+    """
+    keys = [k for k in new if k not in ("out", "resume", "data", "stop_at") and saved.get(k) != new[k]]
+    refused = [f"{flag(k)} {new[k]!r} (the run's: {saved.get(k)!r})" for k in keys if k not in SAFE_ON_RESUME]
+    if "steps" in keys and new["steps"] < saved["steps"]:
+        refused.append(f"--steps {new['steps']} (the run's: {saved['steps']}; --steps can only grow)")
+    if refused:
+        safe = ", ".join(flag(k) for k in SAFE_ON_RESUME)
+        raise ValueError(
+            f"--resume continues the run as configured, but these settings differ from its {TRAIN_CONFIG}: "
+            f"{'; '.join(refused)}. Only {safe} may change on resume; start a new run for the others"
+        )
+    return [f"{flag(k)} {saved.get(k)!r} -> {new[k]!r}" for k in keys]
 
 
 # ----------------------------------------------------------------------------
@@ -82,57 +299,56 @@ def read_train_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, notes: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step_N atomically (temp folder, manifest last, rename); keep the last ``keep``.
+    """Write checkpoints/step_N atomically (temporary folder, manifest last, fsync, rename); keep ``keep``.
 
     ``notes`` go into train_state.json for people reading it; a resume reads
     only the step and the optimizer from it.
     """
     step = state.step
-    root = run_dir / CHECKPOINTS
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state.model.save_pretrained(tmp)
-    # The optimizer's tensors (moments, step counts) go to safetensors, its
-    # scalars and parameter groups to JSON.
-    opt_state = state.optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in opt_state["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    save_file(tensors, str(tmp / OPTIMIZER))
-    record = {
-        **notes,
-        "step": step,
-        "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
-    }
-    if state.scaler.is_enabled():
-        record["grad_scaler"] = state.scaler.state_dict()  # floats and ints
-    (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=2) + "\n")
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = run_dir / CHECKPOINTS / f"step_{step:06d}"
+    tmp = temp_dir_beside(final)
+    try:
+        save_model(state.model, state.model.config, tmp, state.model.provenance, manifest=False)
+        # The optimizer's tensors (moments, step counts) go to safetensors, its
+        # scalars and parameter groups to JSON.
+        opt_state = state.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, st in opt_state["state"].items():
+            for key, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{key}"] = value
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise ValueError(
+                f"the optimizer state is not finite (NaN or inf in {', '.join(bad[:3])}): not saved"
+            )
+        save_file(tensors, str(tmp / OPTIMIZER))
+        record = {
+            **notes,
+            "step": step,
+            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
+        }
+        if state.scaler.is_enabled():
+            record["grad_scaler"] = state.scaler.state_dict()  # floats and ints
+        (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=2) + "\n")
+        write_manifest(tmp, step=step)
+        publish_dir(tmp, final)  # an older step_N (a resumed run redoing it) is replaced
+    except BaseException:
+        remove_temp(tmp)
+        raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
 
 
 def is_complete(ckpt: Path) -> bool:
-    """A checkpoint counts when its manifest exists and every listed file has its size."""
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-        return all(
-            (ckpt / n).is_file() and (ckpt / n).stat().st_size == s for n, s in manifest["files"].items()
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    """A checkpoint counts when its manifest exists and every listed file has its size.
+
+    (A resume also checks the SHA-256 of each: ``latest_valid_checkpoint``.)
+    """
+    return manifest_problem(ckpt, checksums=False) is None
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -144,12 +360,26 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def latest_valid_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
+    """The newest checkpoint whose files match their SHA-256, and a note for each newer one skipped."""
+    root = run_dir / CHECKPOINTS
+    candidates = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else [],
+        key=lambda p: int(p.name[5:]),
+        reverse=True,
+    )
+    notes = []
+    for ckpt in candidates:
+        problem = manifest_problem(ckpt)
+        if problem is None:
+            return ckpt, notes
+        notes.append(f"checkpoint {ckpt.relative_to(run_dir)} is corrupt or incomplete ({problem}): skipped")
+    raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from ({len(notes)} corrupt)")
+
+
 def last_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint, the one a resume starts from."""
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from")
-    return checkpoints[-1]
+    """The newest checkpoint that passes its checksums, the one a resume starts from."""
+    return latest_valid_checkpoint(run_dir)[0]
 
 
 def load_optimizer_state(
@@ -173,18 +403,15 @@ def load_optimizer_state(
 
 
 def publish_model(model: PerceiverAR, run_dir: Path) -> Path:
-    """Replace RUN_DIR/model with the current weights (written aside, then swapped in)."""
-    final, tmp, old = run_dir / MODEL, run_dir / f".{MODEL}.tmp", run_dir / f".{MODEL}.old"
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    model.save_pretrained(tmp)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+    """Replace RUN_DIR/model with the current weights (written aside, fsynced, then swapped in)."""
+    final = run_dir / MODEL
+    tmp = temp_dir_beside(final)
+    try:
+        model.save_pretrained(tmp)
+        return publish_dir(tmp, final)
+    except BaseException:
+        remove_temp(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------
@@ -201,6 +428,7 @@ class RunLog:
         from tqdm.auto import tqdm
 
         self.enabled = enabled
+        self.run_dir = run_dir
         self.metrics = self.writer = None
         if enabled:
             self.metrics = open_metrics(run_dir, step)
@@ -215,6 +443,14 @@ class RunLog:
         """A line above the progress bar."""
         if self.enabled:
             self.bar.write(text)
+
+    def note(self, step: int, text: str, show: bool = True) -> None:
+        """An event of the run (a resume, a changed setting, a skipped checkpoint), printed and in run.log."""
+        if self.enabled:
+            if show:
+                self.bar.write(text)
+            with open(self.run_dir / RUN_LOG, "a") as f:
+                f.write(f"{now()} step {step}: {text}\n")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:

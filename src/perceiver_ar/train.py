@@ -12,6 +12,12 @@ the weights and the optimizer moments (``run_dir.TrainState``).
 Under ``torchrun`` each rank takes its own slice of the global batch and the
 loss is normalised by the global number of target tokens, so 2 processes
 compute the gradients of 1 process with the doubled batch.
+
+Safety (README "Safety"): the run directory is claimed and locked before
+anything is written (``run_dir.claim_run_dir``); a resume keeps the stored
+config except the settings safe to change, and starts from the newest
+checkpoint whose checksums pass; a non-finite loss, gradient norm or weight
+stops the run with ``DivergenceError`` before anything non-finite is saved.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checks, provenance
+from .checkpoint import non_finite_tensors
 from .config import PRESETS, PerceiverARConfig
 from .data import (
     RandomCrops,
@@ -49,76 +57,126 @@ from .run_dir import (
     MODEL,
     RunLog,
     TrainState,
-    last_checkpoint,
+    check_same_store,
+    claim_run_dir,
+    is_run_dir,
+    latest_valid_checkpoint,
     list_checkpoints,
     load_optimizer_state,
     publish_model,
     read_train_config,
+    resume_changes,
     save_checkpoint,
+    write_run_marker,
     write_train_config,
 )
-from .runtime import Runtime, setup_runtime
+from .runtime import PRECISIONS, Runtime, setup_runtime
 from .store import TokenStore
 
 
-def option(default: Any, text: str) -> Any:
-    """A TrainConfig field and its help text, which is also the help of its ``perceiver-ar train`` flag."""
-    return field(default=default, metadata={"help": text})
+def option(default: Any, text: str, check: checks.Check) -> Any:
+    """A TrainConfig field, its help text and its value check, shared with its ``perceiver-ar train`` flag."""
+    return field(default=default, metadata={"help": text, "check": check})
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the run stopped and nothing non-finite was saved."""
 
 
 @dataclass
 class TrainConfig:
     """How to train: data, model preset and overrides, optimisation, logging."""
 
-    data: str = option("", "the data store to train on, written by `perceiver-ar prepare`")
-    out: str = option("runs/run", "the run directory: checkpoints/, metrics.jsonl, loss.png, model/")
-    preset: str = option("demo", f"model preset: {', '.join(PRESETS)}")
+    data: str = option("", "the data store to train on, written by `perceiver-ar prepare`", checks.string)
+    out: str = option(
+        "runs/run", "the run directory: checkpoints/, metrics.jsonl, loss.png, model/", checks.text
+    )
+    preset: str = option("demo", f"model preset: {', '.join(PRESETS)}", checks.choice(*PRESETS))
     model: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "overrides of the preset's model config fields"},
     )
-    init_from: str | None = option(None, "start from the weights and config of this model or run directory")
-    resume: bool = option(False, "continue the run from its last complete checkpoint")
-    steps: int = option(1000, "optimizer steps in all, the schedule's length (a resumed run goes on to it)")
-    stop_at: int = option(
-        0, "end this session at this step with a checkpoint, as if interrupted, to resume later (0: off)"
+    init_from: str | None = option(
+        None, "start from the weights and config of this model or run directory", checks.optional(checks.text)
     )
-    batch_size: int = option(16, "rows per optimizer step, over all processes and accumulation micro-steps")
-    grad_accum: int = option(1, "gradient accumulation micro-steps per optimizer step (each process)")
+    resume: bool = option(False, "continue the run from its last complete checkpoint", checks.boolean)
+    steps: int = option(
+        1000,
+        "optimizer steps in all, the schedule's length (a resumed run goes on to it; it can only grow)",
+        checks.positive_int,
+    )
+    stop_at: int = option(
+        0,
+        "end this session at this step with a checkpoint, as if interrupted, to resume later (0: off)",
+        checks.nonnegative_int,
+    )
+    batch_size: int = option(
+        16, "rows per optimizer step, over all processes and accumulation micro-steps", checks.positive_int
+    )
+    grad_accum: int = option(
+        1, "gradient accumulation micro-steps per optimizer step (each process)", checks.positive_int
+    )
     sampler: str = option(
         "crops",
         "crops: random crops ending anywhere in the split (documents weigh by length); "
         "document-crops: each document equally likely, then a random crop (the official weighting); "
         "stream: fixed windows over all documents",
+        checks.choice("crops", "document-crops", "stream"),
     )
-    optimizer: str = option("adamw", "adamw, adam or sgd")
-    lr: float = option(1e-3, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this")
-    schedule: str = option("cosine", "cosine or constant after the warm-up")
-    warmup_steps: int = option(100, "steps of linear warm-up from 0")
-    weight_decay: float = option(0.0, "decoupled weight decay (adamw) on matrices only")
-    beta1: float = option(0.9, "Adam beta1")
-    beta2: float = option(0.95, "Adam beta2")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
-    seed: int = option(0, "seed of the initial weights, the crops and dropout")
-    eval_every: int = option(500, "steps between validation evaluations (0: only at the end)")
-    eval_tokens: int = option(32768, "validation targets scored at each evaluation (block protocol)")
-    eval_batch_size: int = option(8, "rows per evaluation forward")
-    checkpoint_every: int = option(500, "steps between checkpoints (the last step always saves)")
-    keep_checkpoints: int = option(3, "how many of the latest checkpoints to keep")
-    log_every: int = option(10, "steps between progress-bar and TensorBoard updates")
-    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    optimizer: str = option("adamw", "adamw, adam or sgd", checks.choice("adamw", "adam", "sgd"))
+    lr: float = option(1e-3, "peak learning rate", checks.positive_float)
+    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this", checks.unit_interval)
+    schedule: str = option(
+        "cosine", "cosine or constant after the warm-up", checks.choice("cosine", "constant")
+    )
+    warmup_steps: int = option(100, "steps of linear warm-up from 0", checks.nonnegative_int)
+    weight_decay: float = option(
+        0.0, "decoupled weight decay (adamw) on matrices only", checks.nonnegative_float
+    )
+    beta1: float = option(0.9, "Adam beta1", checks.fraction)
+    beta2: float = option(0.95, "Adam beta2", checks.fraction)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", checks.nonnegative_float)
+    seed: int = option(0, "seed of the initial weights, the crops and dropout", checks.nonnegative_int)
+    eval_every: int = option(
+        500, "steps between validation evaluations (0: only at the end)", checks.nonnegative_int
+    )
+    eval_tokens: int = option(
+        32768, "validation targets scored at each evaluation (block protocol)", checks.positive_int
+    )
+    eval_batch_size: int = option(8, "rows per evaluation forward", checks.positive_int)
+    checkpoint_every: int = option(
+        500, "steps between checkpoints (the last step always saves)", checks.nonnegative_int
+    )
+    keep_checkpoints: int = option(
+        3, "how many of the latest checkpoints to keep (0: all)", checks.nonnegative_int
+    )
+    log_every: int = option(10, "steps between progress-bar and TensorBoard updates", checks.positive_int)
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", checks.text)
     precision: str = option(
         "auto",
         "auto (bf16 autocast on a CUDA GPU that has bf16, else fp32), fp32, bf16 (autocast, fp32 master "
         "weights) or fp16 (autocast with a gradient scaler)",
+        checks.choice(*PRECISIONS),
     )
-    threads: int = option(0, "CPU threads per process (0: cores / local processes)")
+    threads: int = option(0, "CPU threads per process (0: cores / local processes)", checks.nonnegative_int)
     compile: bool = option(
-        False, "torch.compile the training forward (compiled once for full batches, once for short crops)"
+        False,
+        "torch.compile the training forward (compiled once for full batches, once for short crops)",
+        checks.boolean,
     )
-    progress: bool = option(True, "show a progress bar")
-    tensorboard: bool = option(True, "also log to TensorBoard when it is installed")
+    progress: bool = option(True, "show a progress bar", checks.boolean)
+    tensorboard: bool = option(True, "also log to TensorBoard when it is installed", checks.boolean)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                try:
+                    setattr(self, f.name, check(getattr(self, f.name)))
+                except ValueError as e:
+                    raise ValueError(f"TrainConfig.{f.name} (--{f.name.replace('_', '-')}) {e}") from None
+        if not isinstance(self.model, dict):
+            raise ValueError(f"TrainConfig.model must be a dict of model config fields, got {self.model!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,17 +281,20 @@ def check_model_fits_data(model_cfg: PerceiverARConfig, sampler: str, store: Tok
             )
 
 
-def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> TrainState:
-    """Where a run starts: its last checkpoint (resume), a model directory (init_from) or the preset.
+def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> tuple[TrainState, list[str]]:
+    """Where a run starts: its newest valid checkpoint (resume), a model directory (init_from) or the preset.
 
-    The model stays fp32 whatever the precision: autocast computes in bf16 or
-    fp16 from these master weights, and the optimizer state is fp32 too.
+    Returns the state and notes for the run's log (checkpoints skipped as
+    corrupt, a model without provenance). The model must have been trained
+    on data like the store's (``provenance.check_store``). It stays fp32
+    whatever the precision: autocast computes in bf16 or fp16 from these
+    master weights, and the optimizer state is fp32 too.
     """
     run_dir = Path(cfg.out)
-    ckpt = None
+    ckpt, notes = None, []
     if cfg.resume:
-        ckpt = last_checkpoint(run_dir)
-        model = PerceiverAR.from_pretrained(ckpt)
+        ckpt, notes = latest_valid_checkpoint(run_dir)
+        model = PerceiverAR.from_pretrained(ckpt, verify=False)  # its checksums were just verified
     elif list_checkpoints(run_dir):
         raise ValueError(
             f"{run_dir} already holds checkpoints: pass --resume {run_dir} or choose another --out"
@@ -243,12 +304,17 @@ def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> TrainStat
     else:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         model = PerceiverAR(build_model_config(cfg, store))
+        model.provenance = provenance.from_store_meta(store.meta)
+    source = str(ckpt or cfg.init_from or "")
+    note = provenance.check_store(model.provenance, model.config.vocab_size, store.meta, cfg.data, source)
+    notes += [note] if note else []
+    model.provenance = provenance.from_store_meta(store.meta)  # what it is trained on from now
     check_model_fits_data(model.config, cfg.sampler, store)
     model.to(rt.device)
     state = TrainState(model, make_optimizer(cfg, model), scaler=rt.grad_scaler())
     if ckpt is not None:
         state.step = load_optimizer_state(state.optimizer, ckpt, state.scaler)
-    return state
+    return state, notes
 
 
 # ----------------------------------------------------------------------------
@@ -319,7 +385,17 @@ def train_step(
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     state.scaler.unscale_(state.optimizer)  # clip the true gradients
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
-    # With fp16, a step whose gradients overflowed is skipped and the scale lowered.
+    loss_sum = float(sums[0])
+    # Divergence stops the run before the update touches the weights. With fp16
+    # the gradient scaler skips a step whose gradients overflowed (and lowers
+    # its scale): that is its normal working, so only the loss counts then.
+    grads_ok = math.isfinite(grad_norm) or state.scaler.is_enabled()
+    if not (math.isfinite(loss_sum) and grads_ok):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise DivergenceError(
+            f"step {state.step + 1}: the loss is {loss_sum / global_targets:g} and the gradient norm "
+            f"{grad_norm:g}: training diverged"
+        )
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
@@ -327,7 +403,7 @@ def train_step(
     seconds = time.perf_counter() - t_step
     return {
         "step": state.step,
-        "loss": float(sums[0]) / global_targets,
+        "loss": loss_sum / global_targets,
         "bits_per_token": float(sums[1]) / global_targets / math.log(2),
         "lr": lr,
         "grad_norm": grad_norm,
@@ -357,7 +433,15 @@ def validate(
 
 
 def checkpoint(cfg: TrainConfig, rt: Runtime, state: TrainState) -> int:
-    """Rank 0 saves a checkpoint and publishes it as model/; returns the step saved."""
+    """Rank 0 saves a checkpoint and publishes it as model/; returns the step saved.
+
+    Non-finite weights are never written: every rank checks them first.
+    """
+    bad = non_finite_tensors(state.model.state_dict())
+    if bad:
+        raise DivergenceError(
+            f"step {state.step}: the weights are not finite (NaN or inf in {', '.join(bad[:3])})"
+        )
     if rt.is_main:
         notes = {
             "seed": cfg.seed,
@@ -378,19 +462,62 @@ def checkpoint(cfg: TrainConfig, rt: Runtime, state: TrainState) -> int:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final metrics, last eval and the run's paths."""
+    """Train (or resume) a run; returns the final metrics, last eval and the run's paths.
+
+    Rank 0 claims and locks the run directory first (``run_dir.claim_run_dir``)
+    and holds the lock until the run ends, however it ends; a run that fails
+    before writing anything removes the marker and folder its claim made.
+    """
     rt = setup_runtime(cfg.device, cfg.precision, cfg.threads, distributed=True)
-    run_dir = Path(cfg.out)
     store = TokenStore(cfg.data)
     if cfg.batch_size % (rt.world_size * cfg.grad_accum):
         raise ValueError(
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
             f"= {rt.world_size} x {cfg.grad_accum}"
         )
+    inputs = [cfg.data, *([cfg.init_from] if cfg.init_from else [])]
+    if not cfg.resume and not cfg.init_from:
+        build_model_config(cfg, store)  # a bad model setting fails before the run directory is made
+    lock = claim_run_dir(Path(cfg.out), cfg.resume, cfg.data, inputs) if rt.is_main else None
+    finished = False
+    try:
+        result = run_session(cfg, rt, store)
+        finished = True
+        return result
+    finally:
+        if lock is not None:  # a run that failed before writing anything leaves no trace
+            lock.release(abandon=not finished)
+
+
+def diverged_message(what: str, saved_at: int) -> str:
+    """What a diverged run left behind and what to do about it."""
+    kept = (
+        f"the checkpoint of step {saved_at} and model/ are as they were"
+        if saved_at > 0
+        else "nothing was saved"
+    )
+    return (
+        f"{what}; {kept}. Start a new run with a lower --lr or with --grad-clip > 0 "
+        "(--init-from RUN/model starts it from the last good weights)"
+    )
+
+
+def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, Any]:
+    """The body of ``train`` once the run directory is claimed: start, the loop, the end."""
+    run_dir = Path(cfg.out)
+    changes: list[str] = []
+    if cfg.resume:  # the stored config is authoritative; check before loading anything
+        saved = TrainConfig.from_dict(read_train_config(run_dir)).to_dict()
+        changes = resume_changes(saved, cfg.to_dict())
+        check_same_store(run_dir, cfg.data)
 
     # --- the model and optimizer: from the last checkpoint, a model directory, or a preset
-    state = initial_state(cfg, store, rt)
+    state, notes = initial_state(cfg, store, rt)
     model, model_cfg = state.model, state.model.config
+    result = {"run_dir": str(run_dir), "model_dir": str(run_dir / MODEL), "rank": rt.rank, "eval": None}
+    if cfg.resume and state.step >= cfg.steps:  # a finished run: say so, change nothing
+        rt.close()
+        return {**result, "step": state.step, "finished_before": True, "seconds": 0.0, "loss": None}
     sampler = make_sampler(
         cfg.sampler, store.split("train"), model_cfg.context_len, model_cfg.num_latents, cfg.seed
     )
@@ -404,8 +531,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- logging: rank 0 alone writes the run directory and prints
     if rt.is_main:
+        if not cfg.resume or not is_run_dir(run_dir):  # a new run, or one from before run.json
+            write_run_marker(run_dir, cfg.data)
         write_train_config(run_dir, cfg.to_dict())
     log = RunLog(run_dir, state.step, cfg.steps, rt.is_main, cfg.progress, cfg.tensorboard)
+    for note in notes:
+        log.note(state.step, note)
+    if cfg.resume:
+        log.note(
+            state.step,
+            f"resumed at step {state.step}" + (f"; changed {', '.join(changes)}" if changes else ""),
+        )
+    else:
+        log.note(0, f"started on {rt.world_size} process(es), {rt.device}", show=False)
     if state.step == 0:
         log.print(
             f"model: {model.num_parameters():,} parameters, N={model_cfg.context_len} "
@@ -424,33 +562,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     saved_at = state.step if cfg.resume else -1
     t0 = time.perf_counter()
     end_step = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
-    while state.step < end_step:
-        last = train_step(cfg, rt, state, forward_model, sampler, store)
-        step = state.step
-        log.step(last, show=step % cfg.log_every == 0 or step == cfg.steps)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < end_step:
-            last_eval = log.eval(step, validate(cfg, rt, model, store, baseline))
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end_step:
-            saved_at = checkpoint(cfg, rt, state)
+    try:
+        while state.step < end_step:
+            last = train_step(cfg, rt, state, forward_model, sampler, store)
+            step = state.step
+            log.step(last, show=step % cfg.log_every == 0 or step == cfg.steps)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < end_step:
+                last_eval = log.eval(step, validate(cfg, rt, model, store, baseline))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < end_step:
+                saved_at = checkpoint(cfg, rt, state)
 
-    # --- the end: a final evaluation, checkpoint and loss plot
-    log.close_bar()
-    if state.step == cfg.steps:  # not when stopped early: the run goes on later
-        last_eval = log.eval(state.step, validate(cfg, rt, model, store, baseline)) or last_eval
-    if saved_at != state.step:
-        checkpoint(cfg, rt, state)
+        # --- the end: a final evaluation, checkpoint and loss plot
+        log.close_bar()
+        if state.step == cfg.steps:  # not when stopped early: the run goes on later
+            last_eval = log.eval(state.step, validate(cfg, rt, model, store, baseline)) or last_eval
+        if saved_at != state.step:
+            checkpoint(cfg, rt, state)
+    except DivergenceError as e:
+        log.close_bar()
+        message = diverged_message(str(e), saved_at)
+        log.note(state.step, message)
+        log.close()
+        raise DivergenceError(message) from None
     train_seconds = time.perf_counter() - t0
     if rt.is_main:
         plot_losses(run_dir / METRICS, run_dir / LOSS_PLOT)
+    log.note(state.step, f"stopped at step {state.step} of {cfg.steps}", show=False)
     log.close()
     rt.close()  # waits until rank 0 has written the last checkpoint
     return {
-        "run_dir": str(run_dir),
-        "model_dir": str(run_dir / MODEL),
+        **result,
         "step": state.step,
         "loss": last.get("loss"),
         "bits_per_token": last.get("bits_per_token"),
         "eval": last_eval,
         "seconds": train_seconds,
-        "rank": rt.rank,
+        "finished_before": False,
     }

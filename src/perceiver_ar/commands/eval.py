@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
+
+from .checks import NO_VERIFY_HELP, nonnegative_float, nonnegative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,38 +26,60 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="the data store (written by `perceiver-ar prepare`)")
     p.add_argument("--split", default="validation", help="the split to score (default: validation)")
     p.add_argument("--protocol", choices=("block", "stride1"), default="block", help="evaluation protocol")
-    p.add_argument("--num-latents", type=int, help="latents per forward (default: the model's M)")
+    p.add_argument("--num-latents", type=positive_int, help="latents per forward (default: the model's M)")
     p.add_argument(
-        "--block-size", type=int, help="targets per forward in the block protocol (<= num latents)"
+        "--block-size", type=positive_int, help="targets per forward in the block protocol (<= num latents)"
     )
-    p.add_argument("--max-tokens", type=int, help="score only about this many targets (documents in order)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
+    p.add_argument(
+        "--max-tokens", type=positive_int, help="score only about this many targets (documents in order)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help=INFERENCE_PRECISION_HELP)
-    p.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     p.add_argument(
-        "--sample", type=int, default=0, metavar="TOKENS", help="then print a sample of this many tokens"
+        "--json",
+        metavar="FILE",
+        help="also write the result as JSON to FILE (a new file, or one eval wrote)",
+    )
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
+    p.add_argument(
+        "--sample",
+        type=nonnegative_int,
+        default=0,
+        metavar="TOKENS",
+        help="then print a sample of this many tokens",
     )
     p.add_argument("--prompt", help="the sample's prompt (default: the start of the first scored document)")
     p.add_argument(
         "--temperature",
-        type=float,
+        type=nonnegative_float,
         default=DEFAULT_TEMPERATURE,
         help=f"the sample's softmax temperature; 0 is greedy (default {DEFAULT_TEMPERATURE:g})",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(
+        func=run,
+        must_exist={"model": ("model", "dir"), "data": ("--data", "dir"), "json": ("--json", "new file")},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_store
+    from ..files import write_json
     from ..model import PerceiverAR
     from ..runtime import setup_runtime
     from ..store import TokenStore
 
     rt = setup_runtime(args.device, args.precision)  # auto: bf16 on a CUDA GPU, fp32 on the CPU
-    if not Path(args.model).exists():
-        raise FileNotFoundError(f"{args.model} does not exist")
-    model = rt.for_inference(PerceiverAR.from_pretrained(args.model, map_location=rt.device))
+    if args.json:
+        check_result_file(Path(args.json))
+    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device, verify=not args.no_verify)
+    model = rt.for_inference(model)
+    if model.provenance is None:
+        print(
+            f"note: {args.model} records no provenance (saved before provenance.json existed): "
+            "the store is checked by vocabulary size only",
+            file=sys.stderr,
+        )
     result = evaluate_store(
         model,
         args.data,
@@ -80,11 +104,21 @@ def run(args: argparse.Namespace) -> int:
             f"  {result['unigram_bits_per_byte']:.4f} bits/byte" if "unigram_bits_per_byte" in result else ""
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
     if args.sample > 0:
         store = TokenStore(args.data)
         print_sample(model, store, args)
     return 0
+
+
+def check_result_file(path: Path) -> None:
+    """--json names a new file or one eval wrote before (a JSON object with "bits_per_token")."""
+    from ..files import read_json
+
+    if path.exists():
+        old = read_json(path)
+        if not (isinstance(old, dict) and "bits_per_token" in old):
+            raise ValueError(f"--json {path} exists and is not an eval result: choose another file")
 
 
 def print_sample(model, store, args: argparse.Namespace) -> None:

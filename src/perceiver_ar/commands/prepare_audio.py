@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import fraction, positive_float
+
 
 def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     """Add ``audio`` to the subparsers of ``perceiver-ar prepare``."""
@@ -31,9 +33,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
         default="8000",
         help="sample rate to resample to, in Hz (default 8000), or 'file' to keep each file's rate",
     )
-    p.add_argument("--validation-fraction", type=float, default=0.0, help="share of files for validation")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="share of files for test")
-    p.add_argument("--max-seconds", type=float, help="keep only the first this many seconds of each file")
+    p.add_argument("--validation-fraction", type=fraction, default=0.0, help="share of files for validation")
+    p.add_argument("--test-fraction", type=fraction, default=0.2, help="share of files for test")
+    p.add_argument(
+        "--max-seconds", type=positive_float, help="keep only the first this many seconds of each file"
+    )
     p.add_argument(
         "--on-error", choices=("stop", "skip"), default="stop", help="on an unreadable file: stop, or skip it"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import fraction, positive_int
+
 
 def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     """Add ``image`` to the subparsers of ``perceiver-ar prepare``."""
@@ -50,9 +52,9 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
         help="positions the trainer feeds: axes = (row, column, channel) for the official summed absolute "
         "tables (train with --model.position_encoding absolute); flat = 1..length, for rotary",
     )
-    p.add_argument("--validation-fraction", type=float, default=0.05, help="share of files for validation")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="share of files for test")
-    p.add_argument("--limit", type=int, help="at most this many images per split (quick runs)")
+    p.add_argument("--validation-fraction", type=fraction, default=0.05, help="share of files for validation")
+    p.add_argument("--test-fraction", type=fraction, default=0.1, help="share of files for test")
+    p.add_argument("--limit", type=positive_int, help="at most this many images per split (quick runs)")
     p.add_argument(
         "--on-error", choices=("stop", "skip"), default="stop", help="on an unreadable file: stop, or skip it"
     )

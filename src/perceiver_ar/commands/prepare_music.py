@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import fraction, positive_int
+
 
 def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     """Add ``music`` to the subparsers of ``perceiver-ar prepare``."""
@@ -33,9 +35,11 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache-dir", help="where music21 renderings are cached (default ~/.cache/perceiver-ar/music21)"
     )
-    p.add_argument("--validation-fraction", type=float, default=0.05, help="share of pieces for validation")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="share of pieces for test")
-    p.add_argument("--limit", type=int, help="use only the first this many pieces (quick runs)")
+    p.add_argument(
+        "--validation-fraction", type=fraction, default=0.05, help="share of pieces for validation"
+    )
+    p.add_argument("--test-fraction", type=fraction, default=0.1, help="share of pieces for test")
+    p.add_argument("--limit", type=positive_int, help="use only the first this many pieces (quick runs)")
     p.add_argument(
         "--on-error", choices=("stop", "skip"), default="stop", help="on an unreadable file: stop, or skip it"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import fraction, nonnegative_int, positive_int
+
 
 def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     """Add ``text`` to the subparsers of ``perceiver-ar prepare``."""
@@ -30,11 +32,13 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
         default="bytes",
         help="bytes: UTF-8 bytes, ids byte+3, V=259 (official); bpe: byte-level BPE learnt on train",
     )
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
     p.add_argument(
-        "--validation-fraction", type=float, default=0.1, help="share of documents held out for validation"
+        "--vocab-size", type=positive_int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument(
+        "--validation-fraction", type=fraction, default=0.1, help="share of documents held out for validation"
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the train/validation split")
     p.set_defaults(func=run)
 
 

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+
+from .checks import (
+    NO_VERIFY_HELP,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    probability_mass,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,46 +30,64 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="the store the model was trained on")
     p.add_argument("--out", required=True, help="folder for the generated files and render.json")
     p.add_argument("--split", default="test", help="held-out split to score (default test)")
-    p.add_argument("--max-tokens", type=int, help="score only the first this many targets of the split")
-    p.add_argument("--num-latents", type=int, help="latents per evaluation forward (default: the model's)")
+    p.add_argument(
+        "--max-tokens", type=positive_int, help="score only the first this many targets of the split"
+    )
+    p.add_argument(
+        "--num-latents", type=positive_int, help="latents per evaluation forward (default: the model's)"
+    )
     p.add_argument("--no-score", action="store_true", help="skip the metric")
     p.add_argument("--no-samples", action="store_true", help="skip generation")
-    p.add_argument("--num-samples", type=int, default=8, help="samples/continuations to generate (default 8)")
+    p.add_argument(
+        "--num-samples", type=positive_int, default=8, help="samples/continuations to generate (default 8)"
+    )
     p.add_argument(
         "--temperature",
-        type=float,
+        type=nonnegative_float,
         default=DEFAULT_TEMPERATURE,
         help=f"softmax temperature; 0 is greedy (default {DEFAULT_TEMPERATURE:g}, the library's)",
     )
-    p.add_argument("--top-k", type=int, default=None, help="draw only from the k most likely tokens")
+    p.add_argument("--top-k", type=positive_int, default=None, help="draw only from the k most likely tokens")
     p.add_argument(
-        "--top-p", type=float, default=None, help="draw only from the smallest set holding p of the mass"
+        "--top-p",
+        type=probability_mass,
+        default=None,
+        help="draw only from the smallest set holding p of the mass",
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="sampling seed (default 0): image samples use it, completions seed+1, music piece n seed+n",
     )
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help=INFERENCE_PRECISION_HELP)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, must_exist={"model": ("model", "dir"), "data": ("--data", "dir")})
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..files import write_json
     from ..model import PerceiverAR
-    from ..render import render, score
+    from ..render import check_render_output, render, score
     from ..runtime import setup_runtime
     from ..store import TokenStore
 
     # Scoring and generation run in the runtime's precision (the model cast to
     # it: bf16 on a CUDA GPU, fp32 on the CPU by default), as eval and generate.
     rt = setup_runtime(args.device, args.precision)
-    model = rt.for_inference(PerceiverAR.from_pretrained(args.model, map_location=rt.device))
+    check_render_output(args.out, [args.model, args.data])
+    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device, verify=not args.no_verify)
+    model = rt.for_inference(model)
     store = TokenStore(args.data)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if model.provenance is None:
+        print(
+            f"note: {args.model} records no provenance (saved before provenance.json existed): "
+            "the store is checked by vocabulary size only",
+            file=sys.stderr,
+        )
     if not args.no_score:
         result = score(
             model,
@@ -70,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             num_latents=args.num_latents,
             max_tokens=args.max_tokens,
         )
-        (Path(args.out) / "score.json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # only once there is something to write
+        write_json(Path(args.out) / "score.json", result)
         extra = f" ({result['nll_per_event_nats']:.4f} nats)" if "nll_per_event_nats" in result else ""
         print(
             f"{result['modality']} {args.split}: {result['metric']} {result[result['metric']]:.4f}{extra} "

@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import Any
+
+from .checks import arg_type
 
 # Fields whose dataclass defaults exist for Python callers only: the CLI asks for them.
 REQUIRED = ("data", "out")
+# The exit status of a run stopped by a non-finite loss or gradient (usage errors exit 2).
+DIVERGED = 3
 
 
 def parse_value(text: str) -> Any:
@@ -54,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         else:
             # --data and --out have no default a run uses: they are required unless --resume.
             shown = "required unless --resume" if f.name in REQUIRED else f"default: {default}"
-            kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} ({shown})")
+            p.add_argument(
+                flag, type=arg_type(f.metadata["check"]), default=argparse.SUPPRESS, help=f"{text} ({shown})"
+            )
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -110,7 +116,7 @@ def collect(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, resume_config, train
+    from ..train import DivergenceError, TrainConfig, resume_config, train
 
     given, model = collect(args)
     if args.resume:
@@ -123,8 +129,18 @@ def run(args: argparse.Namespace) -> int:
         if "data" not in given or "out" not in given:
             raise ValueError("train needs --data DIR and --out RUN_DIR (or --resume RUN_DIR)")
         cfg = TrainConfig(**given, model=model)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except DivergenceError as e:  # not a usage error, not a bug: its own exit status
+        print(f"perceiver-ar train: error: {e}", file=sys.stderr)
+        return DIVERGED
     if result["rank"] != 0:  # under torchrun, rank 0 reports
+        return 0
+    if result["finished_before"]:
+        print(
+            f"{result['run_dir']} already finished at step {result['step']} of --steps {cfg.steps}: "
+            "nothing to do, nothing changed (pass a larger --steps to train on)"
+        )
         return 0
     ev = result.get("eval") or {}
     line = f"trained to step {result['step']} in {result['seconds']:.0f} s"
