@@ -76,7 +76,7 @@ def test_masks_match_official_semantics():
     li = latent_indices(sequence_lengths(x), 4)
     assert li.tolist() == [[6, 7, 8, 9], [2, 3, 4, 5]]
     masks = build_masks(x, li, None, full_rows=False)
-    cross = masks.cross[:, 0]
+    cross = masks.cross.dense(10)[:, 0]
     j = torch.arange(10)
     for b in range(2):
         for m in range(4):

@@ -151,17 +151,42 @@ def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @dataclass
+class CrossMask:
+    """Which inputs each latent reads, as indices: never an [M, T] mask until a kernel asks for one.
+
+    Query i sees key j iff j <= last[b, i] and, with the mask form of
+    cross-attend dropout, keep[b, j] or j == last[b, i] (a latent always
+    sees its own input). A latent sits on a valid input and padding only
+    follows a row's inputs, so every key up to ``last`` is a valid input.
+    """
+
+    last: Tensor  # [B, Lq] index of the last visible key
+    keep: Tensor | None = None  # [B, Lk] inputs kept by cross-attend dropout
+
+    def dense(self, num_keys: int, rows: slice = slice(None)) -> Tensor:
+        """The boolean mask of query ``rows`` (True = attend), [B, 1, rows, num_keys]."""
+        last = self.last[:, rows, None]  # [B, q, 1]
+        j = torch.arange(num_keys, device=last.device)
+        mask = j <= last
+        if self.keep is not None:
+            mask = mask & (self.keep[:, None, :] | (j == last))
+        return mask.unsqueeze(1)
+
+
+@dataclass
 class Masks:
-    """Boolean attention masks (True = attend), built once per forward.
+    """What each attention may see, built once per forward.
 
     ``full_rows``: no row has padding and every input is visible, so no mask
     is built: the cross-attend is bottom-right causal (every latent sees all
     inputs up to its own) and the latent layers are plainly causal. Otherwise
-    ``cross`` and ``latent`` hold the masks; both ``None`` with ``full_rows``
+    ``cross`` describes the cross-attend's visibility by indices (the kernel
+    builds a mask only where it needs one) and ``latent`` holds the latent
+    layers' boolean mask (True = attend); both ``None`` with ``full_rows``
     off means every key is visible (a cached decode step).
     """
 
-    cross: Tensor | None = None  # [B or 1, 1, M, T]
+    cross: CrossMask | None = None
     latent: Tensor | None = None  # [B, 1, M, M]
     full_rows: bool = False
     # Latents with no visible input; the official code gives them a uniform
@@ -185,26 +210,20 @@ def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None,
     M = latent_index.shape[1]
     if input_keep is None and T >= M and full_rows:
         return Masks(full_rows=True)
-    key_valid = inputs != PAD_ID  # [B, T]
-
-    j = torch.arange(T, device=inputs.device)
-    cross = (j[None, None, :] <= latent_index[:, :, None]) & key_valid[:, None, :]
-    if input_keep is not None:
-        own = j[None, None, :] == latent_index[:, :, None]
-        cross = cross & (input_keep[:, None, :] | own)
     valid = latent_index >= 0
-    # An invalid latent has no visible input. SDPA would return NaN for an
-    # all-False row, so let it see every key here and overwrite its output
-    # with the uniform mean afterwards (what a -1e30 fill produces). Without
-    # reading values it is not known whether a row is short, so this is done
-    # always, unless the rows are full (no latent can be invalid then).
-    uniform_rows = None
+    # An invalid latent has no visible input. A kernel would return NaN for
+    # a row with nothing to see, so let it see every key here and overwrite
+    # its output with the uniform mean afterwards (what a -1e30 fill
+    # produces). Without reading values it is not known whether a row is
+    # short, so this is done always, unless the rows are full (then no
+    # latent is invalid).
+    last, uniform_rows = latent_index, None
     if not full_rows:
-        cross = cross | ~valid[:, :, None]
+        last = torch.where(valid, latent_index, T - 1)
         uniform_rows = ~valid
     latent = (latent_index[:, :, None] >= latent_index[:, None, :]) & valid[:, None, :]
     latent = latent | torch.eye(M, dtype=torch.bool, device=inputs.device)
-    return Masks(cross=cross.unsqueeze(1), latent=latent.unsqueeze(1), uniform_rows=uniform_rows)
+    return Masks(cross=CrossMask(last, input_keep), latent=latent.unsqueeze(1), uniform_rows=uniform_rows)
 
 
 def band_mask(num_queries: int, num_keys: int, device: torch.device) -> Tensor:
@@ -270,12 +289,122 @@ class PrefixCausalAttention(torch.autograd.Function):
         return dq + dq_square, torch.cat((dk_prefix, dk_square), 2), torch.cat((dv_prefix, dv_square), 2)
 
 
+# FlexAttention (torch >= 2.5) is the CUDA cross-attend; older torch keeps SDPA with a mask.
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - torch < 2.5
+    BlockMask = flex_attention = None
+
+FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys
+# Head widths the compiled flex kernels are built for; others use SDPA.
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+_compiled_flex = None
+
+
+def use_flex(q: Tensor) -> bool:
+    """Whether the cross-attend of ``q`` runs as FlexAttention: on CUDA, when torch has it.
+
+    Why flex on CUDA (docs/gpu.md): one fused kernel covers full rows,
+    padded rows and cross-attend dropout through a mask function of indices,
+    never builds an N x M score or mask tensor, skips the key blocks a query
+    block cannot see, and has a backward. Merging two SDPA calls by
+    log-sum-exp, as ``PrefixCausalAttention`` does on the CPU, would cover
+    full rows only and call private flash kernels whose signatures change
+    between releases. Head widths the kernels are not built for fall back to
+    SDPA with a boolean mask.
+    """
+    return q.device.type == "cuda" and flex_attention is not None and q.shape[-1] in FLEX_HEAD_DIMS
+
+
+def flex_kernel():
+    """``flex_attention`` compiled (eager flex computes the whole score matrix), once per process.
+
+    Inside a graph that is itself being compiled (``train --compile``) the
+    plain function is traced into that graph instead.
+    """
+    global _compiled_flex
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def cross_block_mask(mask: CrossMask, num_keys: int, block: int | None = None) -> BlockMask:
+    """The FlexAttention ``BlockMask`` of a ``CrossMask``, from the indices alone: O(M/128 x N/128).
+
+    For each block of queries, the key blocks up to the one holding its
+    largest ``last`` are visited; those wholly at or before its smallest
+    ``last`` are full (no mask function evaluated), the rest partial. With
+    cross-attend dropout every visited block is partial. ``last`` and
+    ``keep`` are padded to whole blocks so the mask function never reads
+    past them. ``block``: the block size (default ``FLEX_BLOCK``).
+    """
+    block = block or FLEX_BLOCK
+    B, Lq = mask.last.shape
+    nq, nk = -(-Lq // block), -(-num_keys // block)
+    last = torch.cat((mask.last, mask.last[:, -1:].expand(B, nq * block - Lq)), dim=1)  # [B, nq * block]
+    per_block = last.view(B, nq, block)
+    lo, hi = per_block.min(dim=-1).values, per_block.max(dim=-1).values  # [B, nq]
+    num_any = torch.div(hi, block, rounding_mode="floor") + 1  # key blocks 0 .. hi // block
+    num_full = torch.div(lo + 1, block, rounding_mode="floor")  # key blocks that end at or before lo
+    keep = None
+    if mask.keep is not None:
+        num_full = torch.zeros_like(num_full)
+        keep = torch.cat((mask.keep, mask.keep.new_zeros(B, nk * block - num_keys)), dim=1)
+    blocks = torch.arange(nk, device=last.device)
+    partial_indices = (num_full[..., None] + blocks).clamp(max=nk - 1)  # the partial blocks, in order
+    full_indices = blocks.expand(B, nq, nk)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = kv_idx <= last[b, q_idx]
+        if keep is not None:
+            visible = visible & (keep[b, kv_idx] | (kv_idx == last[b, q_idx]))
+        return visible
+
+    def table(t: Tensor) -> Tensor:
+        return t.unsqueeze(1).to(torch.int32).contiguous()  # [B, 1 (heads), nq, ...]
+
+    return BlockMask.from_kv_blocks(
+        table(num_any - num_full),
+        table(partial_indices),
+        table(num_full),
+        table(full_indices),
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod,
+        seq_lengths=(Lq, num_keys),
+    )
+
+
+def prefix_causal_block_mask(
+    num_queries: int, num_keys: int, device: torch.device, block: int | None = None
+) -> BlockMask:
+    """The full-row cross-attend as a ``BlockMask`` shared by the batch: query i sees keys 0..Lk - Lq + i."""
+    block = block or FLEX_BLOCK
+    offset = num_keys - num_queries
+    last = torch.arange(offset, num_keys, device=device)[None]
+    tables = cross_block_mask(CrossMask(last), num_keys, block)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # no tensor to read: the same for every row
+        return kv_idx <= q_idx + offset
+
+    return BlockMask.from_kv_blocks(
+        tables.kv_num_blocks,
+        tables.kv_indices,
+        tables.full_kv_num_blocks,
+        tables.full_kv_indices,
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod,
+        seq_lengths=(num_queries, num_keys),
+    )
+
+
 def scaled_dot_product(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | CrossMask | None = None,
     causal: bool = False,
     uniform_rows: Tensor | None = None,
     chunk_size: int = 0,
@@ -283,34 +412,52 @@ def scaled_dot_product(
     """Attention of q [B, H, Lq, dh] on k, v [B, H, Lk, dh]; the one place a kernel is chosen.
 
     causal: bottom-right aligned (query i sees keys 0..Lk - Lq + i), for full
-    rows; no mask is ever built for it on CPU. mask: boolean
-    [B or 1, 1, Lq, Lk], True = attend (padding, dropout). Neither: every key
-    is visible. uniform_rows [B, Lq]: queries whose output is the mean of all
-    values (latents with nothing to see). chunk_size: run masked attention in
-    query chunks of this size (0: one chunk, or chunks of ``INFERENCE_CHUNK``
-    without autograd when the mask is large) to bound the mask's float copy and the workspace.
-    Returns [B, H, Lq, dh].
+    rows; no mask is ever built for it on CPU or with FlexAttention. mask: a
+    ``CrossMask`` (the cross-attend of padded rows or with dropout) or a
+    boolean [B or 1, 1, Lq, Lk], True = attend (the latent layers). Neither:
+    every key is visible. uniform_rows [B, Lq]: queries whose output is the
+    mean of all values (latents with nothing to see). chunk_size: run masked
+    SDPA in query chunks of this size (0: one chunk, or chunks of
+    ``INFERENCE_CHUNK`` without autograd when the mask is large) to bound the
+    mask, its float copy and the workspace.
+
+    The kernels: square causal (M = T, the latent layers) is SDPA
+    ``is_causal``. The full-row cross-attend is ``PrefixCausalAttention`` on
+    the CPU and FlexAttention on CUDA (``use_flex``); a ``CrossMask`` runs
+    as FlexAttention on CUDA and as masked SDPA elsewhere. Returns [B, H, Lq, dh].
     """
     Lq, Lk = q.shape[2], k.shape[2]
     if causal:
         if Lq == Lk:  # decoder-only (M = T) and the latent layers: the square causal kernel
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if use_flex(q):
+            return flex_kernel()(q, k, v, block_mask=prefix_causal_block_mask(Lq, Lk, q.device))
         if q.device.type == "cpu":  # two mask-free flash kernels merged by log-sum-exp
             return PrefixCausalAttention.apply(q, k, v)
         mask = band_mask(Lq, Lk, q.device)
+    if isinstance(mask, CrossMask) and use_flex(q):
+        out = flex_kernel()(q, k, v, block_mask=cross_block_mask(mask, Lk))
+    else:
+        out = masked_sdpa(q, k, v, mask, chunk_size)
+    if uniform_rows is not None:
+        out = torch.where(uniform_rows[:, None, :, None], v.mean(dim=2, keepdim=True), out)
+    return out
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | CrossMask | None, chunk_size: int) -> Tensor:
+    """SDPA with a boolean mask (a ``CrossMask`` is made dense one query chunk at a time)."""
+    Lq, Lk = q.shape[2], k.shape[2]
     if mask is not None and chunk_size <= 0 and Lq * Lk > AUTO_CHUNK_AREA and not torch.is_grad_enabled():
         # SDPA on CPU turns a boolean mask into a float copy four times its
         # size (+512 MB for M = 1024, T = 131,072). Without autograd, query
         # chunks cost no time and bound that copy to chunk x T.
         chunk_size = INFERENCE_CHUNK
     if mask is None or chunk_size <= 0 or chunk_size >= Lq:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:
-        pieces = []
-        for start in range(0, Lq, chunk_size):
-            rows = slice(start, start + chunk_size)
-            pieces.append(F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask[:, :, rows]))
-        out = torch.cat(pieces, dim=2)
-    if uniform_rows is not None:
-        out = torch.where(uniform_rows[:, None, :, None], v.mean(dim=2, keepdim=True), out)
-    return out
+        dense = mask.dense(Lk) if isinstance(mask, CrossMask) else mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    pieces = []
+    for start in range(0, Lq, chunk_size):
+        rows = slice(start, start + chunk_size)
+        dense = mask.dense(Lk, rows) if isinstance(mask, CrossMask) else mask[:, :, rows]
+        pieces.append(F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=dense))
+    return torch.cat(pieces, dim=2)
