@@ -788,7 +788,7 @@ def test_inline_api_references_are_real():
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # Paths the docs name that a command creates (ignored by git) rather than the repository holds.
-GENERATED = ("benchmarks/results/*.json", "benchmarks/.env-ports")
+GENERATED = ("benchmarks/results/*.json", "benchmarks/results/*.md", "benchmarks/.env-ports")
 REPO_DIRS = ("src/", "tests/", "docs/", "benchmarks/", "perceiver_ar/")
 # Files of the official JAX repository that the docs cite.
 OFFICIAL_FILES = {

@@ -1,0 +1,49 @@
+"""benchmarks/gpu_check.py --device cpu --quick: every check of the GPU check at toy sizes, on the CPU.
+
+The compiled cases use the ``eager`` backend here: Dynamo captures the
+graphs as ``train --compile`` would, without Inductor's minute of code
+generation per graph on this CPU (tests/test_compile.py covers the compiled
+training run itself).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_quick_mode_runs_every_check_on_the_cpu(tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    args = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick"]
+    args += ["--out", str(tmp_path), "--compile-backend", "eager"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check_quick.json").read_text())
+    checks = {c["check"].split(":")[0]: c for c in result["checks"]}
+    assert set(checks) == {
+        "golden logits, fp32, TF32 off",
+        "cross-attend kernel vs SDPA, fp32",
+        "cross-attend kernel vs SDPA, bf16",
+        "model logits on the device's kernels vs the CPU's, fp32",
+        "bf16 autocast logits vs fp32",
+        "bf16 cast logits vs fp32",
+        "bf16 training",
+        "fp16 training",
+    }
+    assert result["all_checks_pass"] and all(c["pass"] for c in checks.values())
+    assert checks["golden logits, fp32, TF32 off"]["value"] < 1e-4
+    assert "FlexAttention" in checks["cross-attend kernel vs SDPA, fp32"]["kernel"]
+    rows = result["throughput"]
+    assert [(r["model"], r["compile"]) for r in rows] == [
+        ("perceiver_ar", "no"),
+        ("perceiver_ar", "eager"),
+        ("decoder", "no"),
+    ] * 2
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert result["memory"]["peak_gb"] > 0
+    assert result["decode"][0]["decode_tokens_per_s"] > 0
+    table = (tmp_path / "gpu_check_quick.json").with_suffix(".md").read_text()  # the markdown tables
+    assert "| check | value | limit | result |" in table and "FAIL" not in table
