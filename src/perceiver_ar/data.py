@@ -15,7 +15,6 @@ import codecs
 import glob
 import importlib.util
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ import numpy as np
 
 from .config import PerceiverARConfig
 from .store import Split, StoreWriter, check_store_output
-from .tokenizer import Tokenizer, make_tokenizer
-from .vocab import EOS_ID, PAD_ID, SOS_ID
+from .tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
+from .vocab import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET
 
 # ----------------------------------------------------------------------------
 # Preparing a text corpus
@@ -85,14 +84,16 @@ def collect_text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 # Text is read and tokenized in pieces of about this many bytes, so memory does
-# not grow with the size of a file (a 20 MB single-line file included).
-CHUNK_BYTES = 1 << 20
+# not grow with the size of a file (a 20 MB single-line file included). Small
+# pieces also keep the BPE trainer's working memory low (it pre-tokenizes each
+# piece it is given whole: 1 MiB pieces cost it ~330 MB, 64 KiB ~60 MB).
+CHUNK_BYTES = 1 << 16
 # Pieces are cut where a byte-level BPE pre-tokenizer always splits (so the
-# tokens are those of the whole text): at a space with a non-space on either
-# side, or after a newline between two non-spaces.
-SAFE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
-# A text this many chunks long with no such place is cut anyway (BPE may then
-# split one "word" differently than whole text would).
+# tokens are those of the whole text): before a space with a non-space on
+# either side, or after a newline between two non-spaces ("non-space" as
+# str.isspace() sees it, a superset of the pre-tokenizer's spaces). A text
+# this many chunks long with no such place is cut anyway (BPE may then split
+# that one "word" differently than the whole text would).
 MAX_CARRY_CHUNKS = 8
 
 
@@ -118,18 +119,35 @@ def read_text_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str
                 return
 
 
+def last_safe_cut(text: str, lo: int = 0) -> int:
+    """The last index > ``lo`` where ``text`` may be cut without changing its tokens, or 0 if none.
+
+    Searches backwards from the end: usually the first space or newline found
+    qualifies, so this costs little whatever the length of ``text``.
+    """
+    best = 0
+    for mark, offset in ((" ", 0), ("\n", 1)):  # cut before a space, after a newline
+        j = len(text) - 1
+        while True:
+            j = text.rfind(mark, lo + 1, j)
+            if j <= lo or j + 1 >= len(text):
+                break
+            if not text[j - 1].isspace() and not text[j + 1].isspace():
+                best = max(best, j + offset)
+                break
+    return best
+
+
 def text_pieces(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """A file's text as consecutive pieces cut only where tokenization never crosses (``SAFE_CUT``).
+    """A file's text as consecutive pieces, cut only where tokenization never crosses.
 
     Joined, the pieces are the file's text; tokenized one by one, they give
-    the tokens of the whole text.
+    the tokens of the whole text (see ``last_safe_cut``).
     """
     carry = ""
     for chunk in read_text_chunks(path, chunk_bytes):
         text = carry + chunk
-        cut = 0
-        for m in SAFE_CUT.finditer(text, max(0, len(text) - 4 * chunk_bytes)):
-            cut = m.start()
+        cut = last_safe_cut(text, max(0, len(text) - 4 * chunk_bytes))
         if cut == 0 and len(text) >= MAX_CARRY_CHUNKS * chunk_bytes:
             cut = len(text)
         if cut:
@@ -137,6 +155,12 @@ def text_pieces(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
         carry = text[cut:]
     if carry:
         yield carry
+
+
+def read_byte_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            yield data
 
 
 def read_text(path: Path) -> str:
@@ -154,10 +178,18 @@ def scan_text_file(path: Path) -> int:
 def encode_text_file(
     tokenizer: Tokenizer, path: Path, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[np.ndarray]:
-    """One document's events, piece by piece: SOS, the file's tokens, EOS."""
+    """One document's events, piece by piece: SOS, the file's tokens, EOS.
+
+    The file must be UTF-8 (``scan_text_file``). Byte tokens map one to one,
+    so the bytes tokenizer reads raw chunks without decoding them.
+    """
     yield np.asarray([SOS_ID], dtype=np.int64)
-    for piece in text_pieces(path, chunk_bytes):
-        yield tokenizer.encode_array(piece)
+    if isinstance(tokenizer, ByteTokenizer):
+        for data in read_byte_chunks(path, chunk_bytes):
+            yield np.frombuffer(data, dtype=np.uint8).astype(np.int64) + TOKEN_OFFSET
+    else:
+        for piece in text_pieces(path, chunk_bytes):
+            yield tokenizer.encode_array(piece)
     yield np.asarray([EOS_ID], dtype=np.int64)
 
 

@@ -374,7 +374,14 @@ def latest_valid_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
         if problem is None:
             return ckpt, notes
         notes.append(f"checkpoint {ckpt.relative_to(run_dir)} is corrupt or incomplete ({problem}): skipped")
-    raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from ({len(notes)} corrupt)")
+    if notes:
+        raise FileNotFoundError(
+            f"{run_dir} has no complete checkpoint to resume from ({len(notes)} corrupt or incomplete: "
+            f"{notes[0]}); start the run again without --resume"
+        )
+    raise FileNotFoundError(
+        f"{run_dir} has no complete checkpoint to resume from: start the run again without --resume"
+    )
 
 
 def last_checkpoint(run_dir: Path) -> Path:
