@@ -312,9 +312,13 @@ def test_resume_records_safe_changes_and_a_finished_run_stays_as_it_is(store, tm
     assert snapshot(run) == before
 
 
-def test_a_run_from_before_run_json_still_resumes(store, tmp_path):
+def test_a_run_from_before_run_json_and_checksums_still_resumes(store, tmp_path):
     run = tmp_path / "run"
     train(config(store, run, steps=4, stop_at=2, eval_every=0, **QUIET))
     (run / "run.json").unlink()
+    ckpt = list_checkpoints(run)[-1]
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    sizes_only = {"step": 2, "files": {name: entry["bytes"] for name, entry in manifest["files"].items()}}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(sizes_only))  # the manifest of the first release
     result = train(resume_config(run, **QUIET))
     assert result["step"] == 4 and (run / "run.json").is_file()
