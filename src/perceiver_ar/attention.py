@@ -9,7 +9,7 @@ passed down. Shape letters: B batch, T inputs, M latents, H heads, dh head width
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -183,7 +183,10 @@ class Masks:
     ``cross`` describes the cross-attend's visibility by indices (the kernel
     builds a mask only where it needs one) and ``latent`` holds the latent
     layers' boolean mask (True = attend); both ``None`` with ``full_rows``
-    off means every key is visible (a cached decode step).
+    off means every key is visible (a cached decode step). ``cross_kernel``,
+    when set, replaces the cross-attend's kernel: context parallelism
+    (``context_parallel.py``) passes one that attends to this rank's keys
+    and merges the ranks' partial results.
     """
 
     cross: CrossMask | None = None
@@ -192,6 +195,7 @@ class Masks:
     # Latents with no visible input; the official code gives them a uniform
     # softmax over all T inputs (scores filled with -1e30). [B, M] or None.
     uniform_rows: Tensor | None = None
+    cross_kernel: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None  # (q, k, v) -> out
 
 
 def build_masks(inputs: Tensor, latent_index: Tensor, input_keep: Tensor | None, full_rows: bool) -> Masks:

@@ -1,4 +1,4 @@
-"""Where and how a process computes: device, autocast precision, CPU threads, process group.
+"""Where and how a process computes: device, autocast precision, CPU threads, process groups.
 
 Decided once per process by ``setup_runtime`` and then only read: training,
 ``perceiver-ar eval``, ``generate`` and ``render`` all take their ``Runtime``
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,11 +39,37 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False  # this process joined it, so it leaves it in ``close``
+    # The world as a (dp, cp) grid when distributed: rank = dp_rank * cp_size + cp_rank, so the
+    # cp_size processes that share each row (context parallelism) are neighbours.
+    mesh: DeviceMesh | None = None
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the one process that writes files and prints."""
         return self.rank == 0
+
+    @property
+    def cp_size(self) -> int:
+        """Processes that split each row's inputs between them (context parallelism; 1: off)."""
+        return 1 if self.mesh is None else self.mesh["cp"].size()
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["cp"].get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        """Groups that take different rows of the batch (data parallelism): world_size / cp_size."""
+        return self.world_size // self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        """The process group of this rank's row (context parallelism), None when off."""
+        return None if self.cp_size == 1 else self.mesh.get_group("cp")
 
     @property
     def precision(self) -> str:
@@ -113,6 +140,7 @@ def setup_runtime(
     precision: str = "auto",
     threads: int | None = None,
     distributed: bool = False,
+    context_parallel: int = 1,
 ) -> Runtime:
     """Pick the device, precision and CPU threads; with ``distributed``, join torchrun's process group.
 
@@ -122,9 +150,16 @@ def setup_runtime(
     supports it (compute capability 8.0 and up) and fp32 otherwise: fp32 on a CPU, where bf16 and
     fp16 run but are emulated unless the CPU has them natively (``Runtime.precision_note``).
     ``threads`` (CPU only): None leaves torch's own choice, 0 shares the cores between the processes
-    of this machine, N sets N.
+    of this machine, N sets N. ``context_parallel``: the processes that share each row; the world
+    becomes a (world_size / context_parallel, context_parallel) mesh (``Runtime.mesh``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    if context_parallel > 1 and (world_size == 1 or world_size % context_parallel):
+        raise ValueError(
+            f"--context-parallel {context_parallel} splits each row across {context_parallel} processes, "
+            f"but {world_size} process(es) run: launch a multiple of {context_parallel} with "
+            f"torchrun --nproc_per_node {context_parallel}"
+        )
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))) if distributed else 1
@@ -153,4 +188,8 @@ def setup_runtime(
     owns = world_size > 1 and not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, LOW_PRECISION_DTYPES.get(precision), rank, world_size, owns)
+    mesh = None
+    if world_size > 1:
+        shape = (world_size // context_parallel, context_parallel)
+        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=("dp", "cp"))
+    return Runtime(dev, LOW_PRECISION_DTYPES.get(precision), rank, world_size, owns, mesh)

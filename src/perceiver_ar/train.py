@@ -11,7 +11,9 @@ the weights and the optimizer moments (``run_dir.TrainState``).
 
 Under ``torchrun`` each rank takes its own slice of the global batch and the
 loss is normalised by the global number of target tokens, so 2 processes
-compute the gradients of 1 process with the doubled batch.
+compute the gradients of 1 process with the doubled batch. With
+``--context-parallel K`` each group of K ranks shares its rows, each rank
+holding a slice of every row's inputs (``context_parallel.py``).
 
 Safety (README "Safety"): the run directory is claimed and locked before
 anything is written (``run_dir.claim_run_dir``); a resume keeps the stored
@@ -38,6 +40,7 @@ import torch.distributed as dist
 from . import checks, provenance
 from .checkpoint import non_finite_tensors
 from .config import PRESETS, PerceiverARConfig
+from .context_parallel import ContextParallel
 from .data import (
     RandomCrops,
     StreamWindows,
@@ -159,6 +162,12 @@ class TrainConfig:
         checks.choice(*PRECISIONS),
     )
     threads: int = option(0, "CPU threads per process (0: cores / local processes)", checks.nonnegative_int)
+    context_parallel: int = option(
+        1,
+        "split each row's inputs across this many processes (context parallelism; under torchrun, "
+        "processes = data-parallel groups x this)",
+        checks.positive_int,
+    )
     compile: bool = option(
         False,
         "torch.compile the training forward (compiled once for full batches, once for short crops)",
@@ -346,17 +355,19 @@ def train_step(
     """One optimizer step (this rank's micro-steps, gradient sync, clip, update); returns its metrics."""
     t_step = time.perf_counter()
     model_cfg = state.model.config
-    micro_batch = cfg.batch_size // (rt.world_size * cfg.grad_accum)
+    micro_batch = cfg.batch_size // (rt.dp_size * cfg.grad_accum)
     lr = lr_at(cfg, state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    # The global batch of this step is the same on every rank; each takes
-    # its slice. Dividing by the global target count makes the DDP average
-    # of the ranks' gradients the gradient of the per-token mean loss.
+    # The global batch of this step is the same on every rank; each data-parallel
+    # group takes its slice. Dividing by the global target count makes the DDP
+    # average of the ranks' gradients the gradient of the per-token mean loss:
+    # the K ranks of a context-parallel group compute the same loss, and the
+    # group's gradient sum is K times its rows' (context_parallel.py).
     crops = sampler.crops(state.step, cfg.batch_size)
     global_targets = int(targets_per_row(crops, model_cfg.num_latents).sum())
-    local = crops[rt.rank * cfg.batch_size // rt.world_size :][: cfg.batch_size // rt.world_size]
-    torch.manual_seed(step_seed(cfg.seed, state.step, rt.rank))
+    local = crops[rt.dp_rank * cfg.batch_size // rt.dp_size :][: cfg.batch_size // rt.dp_size]
+    torch.manual_seed(step_seed(cfg.seed, state.step, rt.dp_rank))  # same dropout in a cp group
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, CE, input tokens
     for micro in range(cfg.grad_accum):
         events, positions = crops_to_batch(
@@ -376,12 +387,13 @@ def train_step(
             out = forward_model(inputs, positions, full_rows=full_rows, validate=False)
             loss = perceiver_ar_loss(out.logits, targets, out.latent_index, model_cfg.z_loss)
         # fp16: the scaler multiplies the loss so that small gradients survive (a no-op otherwise).
-        state.scaler.scale(loss.total * (rt.world_size / global_targets)).backward()
+        state.scaler.scale(loss.total * (rt.dp_size / global_targets)).backward()
         sums += torch.stack(
             [loss.total.detach().double(), loss.total_ce.detach().double(), (inputs != 0).sum().double()]
         )
     if rt.world_size > 1:
         dist.all_reduce(sums)  # a sync point: every rank waits for the slowest
+        sums /= rt.cp_size  # the ranks of a context-parallel group counted the same rows
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     state.scaler.unscale_(state.optimizer)  # clip the true gradients
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
@@ -468,12 +480,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     and holds the lock until the run ends, however it ends; a run that fails
     before writing anything removes the marker and folder its claim made.
     """
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.threads, distributed=True)
+    if cfg.compile and cfg.context_parallel > 1:
+        raise ValueError("--compile does not apply to --context-parallel: train one of them")
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.threads, True, cfg.context_parallel)
     store = TokenStore(cfg.data)
-    if cfg.batch_size % (rt.world_size * cfg.grad_accum):
+    if cfg.batch_size % (rt.dp_size * cfg.grad_accum):
         raise ValueError(
-            f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
-            f"= {rt.world_size} x {cfg.grad_accum}"
+            f"batch_size {cfg.batch_size} must be divisible by data-parallel groups x grad_accum "
+            f"= {rt.dp_size} x {cfg.grad_accum}"
         )
     inputs = [cfg.data, *([cfg.init_from] if cfg.init_from else [])]
     if not cfg.resume and not cfg.init_from:
@@ -521,11 +535,12 @@ def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, A
     sampler = make_sampler(
         cfg.sampler, store.split("train"), model_cfg.context_len, model_cfg.num_latents, cfg.seed
     )
-    # The module that runs the forward: DDP syncs gradients across ranks.
-    forward_model: Any = model
+    # The module that runs the forward: context parallelism splits each row's
+    # inputs across its group; DDP sums gradients over every rank.
+    forward_model: Any = model if rt.cp_size == 1 else ContextParallel(model, rt.cp_group)
     if rt.world_size > 1:
         ddp_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
+        forward_model = torch.nn.parallel.DistributedDataParallel(forward_model, device_ids=ddp_ids)
     if cfg.compile:
         forward_model = compile_forward(forward_model)
 
@@ -549,6 +564,7 @@ def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, A
             f"model: {model.num_parameters():,} parameters, N={model_cfg.context_len} "
             f"M={model_cfg.num_latents} E={model_cfg.input_dim} D={model_cfg.latent_dim} "
             f"L={model_cfg.num_latent_layers}; {rt.world_size} process(es) on {rt.device}, {rt.precision}"
+            + (f", each row split across {rt.cp_size}" if rt.cp_size > 1 else "")
         )
     note = rt.precision_note()
     if note:
