@@ -301,6 +301,7 @@ BENCHMARKS = [
     "train_copy.py",
     "bench_generate.py",
     "bench_cross_attend_dropout.py",
+    "bench_context_parallel.py",
 ]
 
 
