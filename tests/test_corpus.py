@@ -249,6 +249,31 @@ def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
             pass
 
 
+def test_a_worker_that_dies_stops_the_work_with_one_line():
+    with pytest.raises(ValueError, match="a worker process died .*fewer --workers"):
+        with corpus.worker_pool(2) as pool:
+            list(corpus.ordered_map(pool, os._exit, [3]))  # as a worker killed for memory would
+
+
+def test_byte_sizes_on_the_command_line(tmp_path, capsys):
+    from perceiver_ar.commands.prepare_text import byte_size
+
+    assert [byte_size(x) for x in ("1000", "64M", "1.5G", "256MB", "2k")] == [
+        1000,
+        64 * 10**6,
+        15 * 10**8,
+        256 * 10**6,
+        2000,
+    ]
+    write_text_files(tmp_path / "c", make_texts(5))
+    for bad in ("lots", "-5M", "0"):
+        out = str(tmp_path / "s")
+        assert (
+            cli_main(["prepare", "text", str(tmp_path / "c"), "--out", out, f"--bpe-sample-bytes={bad}"]) == 2
+        )
+        assert "--bpe-sample-bytes" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------
 # The fast BPE encoder and the trainer
 # ----------------------------------------------------------------------------

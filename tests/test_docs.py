@@ -543,6 +543,24 @@ def write_text_files(folder: Path, count: int, suffix: str = ".txt") -> None:
         (folder / f"doc{i}{suffix}").write_text(" ".join(words).capitalize() + ".\n")
 
 
+def write_records(folder: Path, name: str, count: int, fmt: str, field: str) -> None:
+    """``count`` record files ``{name}{i}.{fmt}`` of 6 documents each, the text in ``field``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rng = np.random.default_rng(len(name))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        texts = [" ".join(rng.choice(WORDS, size=300)).capitalize() + ".\n" for _ in range(6)]
+        path = folder / (f"{name}{i}.{fmt}" if count > 1 else f"{name}.{fmt}")
+        if fmt == "parquet":
+            pq.write_table(pa.table({field: texts}), path)
+        else:
+            lines = "".join(json.dumps({"id": k, field: t}) + "\n" for k, t in enumerate(texts))
+            path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+
+
 def write_idx(path: Path, images: np.ndarray) -> None:
     """A gzipped IDX file of uint8 images [n, 28, 28], the Fashion-MNIST format."""
     header = struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", *images.shape)
@@ -584,6 +602,8 @@ def fixtures(tmp_path_factory) -> Path:
     write_text_files(root / "notes", 3)
     write_text_files(root / "books", 3)
     write_text_files(root / "corpus", 12)
+    write_records(root / "web", "shard", 2, "jsonl.zst", field="content")
+    write_records(root, "wiki", 1, "parquet", field="text")
     rng = np.random.default_rng(0)
     (root / "fashion-mnist").mkdir()
     sparse = lambda n: rng.integers(0, 256, (n, 28, 28)) * (rng.random((n, 28, 28)) < 0.05)  # noqa: E731

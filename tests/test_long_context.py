@@ -302,6 +302,7 @@ BENCHMARKS = [
     "bench_generate.py",
     "bench_cross_attend_dropout.py",
     "bench_context_parallel.py",
+    "bench_prepare.py",
 ]
 
 

@@ -27,6 +27,8 @@ import signal
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -214,6 +216,11 @@ def _require(module: str, what: str) -> Any:
         ) from None
 
 
+def utf8_len(text: str) -> int:
+    """UTF-8 bytes of ``text`` (without encoding it when it is ASCII, which Python knows at once)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def group_tasks(parts: Iterable[Part], task_bytes: int = TASK_BYTES) -> Iterator[list[Part]]:
     """Consecutive parts, grouped into tasks of about ``task_bytes`` (a bigger part is a task alone)."""
     task: list[Part] = []
@@ -306,7 +313,7 @@ def count_task(task: Sequence[Part], text_field: str) -> TaskCount:
             continue
         for fragment in fragments([part], text_field):
             first.append(True)
-            sizes.append(len(fragment.text.encode("utf-8")))
+            sizes.append(utf8_len(fragment.text))
     return TaskCount(np.asarray(first, dtype=bool), np.asarray(sizes, dtype=np.int64))
 
 
@@ -324,7 +331,7 @@ def count_task_words(item: tuple[Sequence[Part], np.ndarray, int], text_field: s
         doc += fragment.first
         if not is_val[doc]:
             count_words(fragment.text, words)
-            size += len(fragment.text.encode("utf-8"))
+            size += utf8_len(fragment.text)
     return words, size
 
 
@@ -352,7 +359,7 @@ def encode_task(task: Sequence[Part], tokenizer: dict[str, Any], dtype: str, tex
         lengths.append(sum(len(p) for p in doc))
         first.append(fragment.first)
         last.append(fragment.last)
-        num_bytes.append(len(fragment.text.encode("utf-8")))
+        num_bytes.append(utf8_len(fragment.text))
         record.append(fragment.record)
         source.append(fragment.source)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
@@ -399,38 +406,46 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+class WorkerPool(NamedTuple):
+    executor: ProcessPoolExecutor
+    workers: int
+
+
 @contextmanager
-def worker_pool(workers: int) -> Iterator[Any]:
+def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
     """A pool of ``workers`` processes (None for one: the work then runs in this process).
 
     On Linux the workers are forked, so they start at once and share this
     process's memory (torch included) until they write to it. They are made
     before any tokenizer is trained: a fork after the ``tokenizers`` library
     has started its threads is unsafe, and the workers turn that library's own
-    threads off (they are the parallelism).
+    threads off (they are the parallelism). A worker that dies (killed for
+    memory, say) stops the work with an error instead of hanging it.
     """
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     if workers == 1:
         yield None
         return
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    context = multiprocessing.get_context(method)
-    # Set while forking so the library sees the choice made and prints no warning in the children.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
     try:
-        pool = context.Pool(workers, initializer=_init_worker)
+        # The workers start with the first task. The variable is set while they
+        # fork so that the library sees the choice made and prints no warning.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            executor.submit(os.getpid).result()
+        finally:
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        yield WorkerPool(executor, workers)
+    except BrokenProcessPool:
+        raise ValueError("a worker process died (out of memory?): run again with fewer --workers") from None
     finally:
-        if previous is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _init_worker() -> None:
@@ -439,7 +454,7 @@ def _init_worker() -> None:
 
 
 def ordered_map(
-    pool: Any, fn: Callable[[Any], Any], items: Iterable[Any], in_flight: int = 0
+    pool: WorkerPool | None, fn: Callable[[Any], Any], items: Iterable[Any], in_flight: int = 0
 ) -> Iterator[Any]:
     """``map(fn, items)`` over ``pool``'s workers, in order, with at most ``in_flight`` items out at once.
 
@@ -450,11 +465,11 @@ def ordered_map(
     if pool is None:
         yield from map(fn, items)
         return
-    limit = in_flight or 2 * pool._processes + 2
+    limit = in_flight or 2 * pool.workers + 2
     pending: deque = deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(pool.executor.submit(fn, item))
         if len(pending) >= limit:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()

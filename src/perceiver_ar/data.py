@@ -12,6 +12,7 @@ uninterrupted single-process run would.
 from __future__ import annotations
 
 import codecs
+import glob
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ from .corpus import (
     Part,
     Source,
     TaskCount,
+    WorkerPool,
     collect_sources,
     count_task,
     count_task_words,
@@ -41,6 +43,7 @@ from .corpus import (
     ordered_map,
     parquet_parts,
     release_task_tokenizer,
+    utf8_len,
     worker_pool,
 )
 from .store import Split, StoreWriter, check_store_output
@@ -211,7 +214,7 @@ def prepare_text(
     sources = [Source(f, "text") for f in default_corpus_files()] if paths is None else collect_sources(paths)
     if not sources:
         raise ValueError("no input files given")
-    inputs = [*(paths or []), *(s.path for s in sources)]
+    inputs = _guarded_inputs(paths or [], sources)
     check_store_output(out, inputs, overwrite)
 
     def tasks(with_text: bool = True) -> Iterator[list[Part]]:
@@ -220,7 +223,8 @@ def prepare_text(
     if workers is None:  # bytes: sending text to a worker costs more than encoding it here
         workers = default_workers() if tokenizer == "bpe" else 1
     with worker_pool(workers) as pool:
-        counts = list(ordered_map(pool, partial(count_task, text_field=text_field), tasks(with_text=False)))
+        counted = ordered_map(pool, partial(count_task, text_field=text_field), tasks(with_text=False))
+        counts = list(_progress(counted, progress, "checking", lambda c: int(c.sizes.sum())))
         num_docs = sum(c.documents for c in counts)
         if num_docs == 0:
             names = ", ".join(str(s.path) for s in sources[:3])
@@ -231,7 +235,7 @@ def prepare_text(
         del counts
         if tokenizer == "bpe":
             words, sample_bytes = bpe_word_counts(
-                pool, tasks(), task_docs, train_bytes, is_val, text_field, bpe_sample_bytes, seed
+                pool, tasks(), task_docs, train_bytes, is_val, text_field, bpe_sample_bytes, seed, progress
             )
             tok = BPETokenizer.from_word_counts(words, bpe_vocab_size)
             del words
@@ -252,14 +256,26 @@ def prepare_text(
             with StoreWriter(out, tok.vocab_size, meta, overwrite=overwrite, inputs=inputs) as writer:
                 encode = partial(encode_task, tokenizer=spec, dtype=writer.dtype.name, text_field=text_field)
                 encoded = ordered_map(pool, encode, tasks())
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    bar = tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True)
-                    encoded = _counting(encoded, bar)
+                size = lambda r: int(r.num_bytes.sum())  # noqa: E731
+                encoded = _progress(encoded, progress, "tokenizing", size, total_bytes)
                 _write_documents(writer, encoded, is_val, common, listed=num_docs <= MAX_LISTED_DOCUMENTS)
                 release_task_tokenizer()
                 return writer.close()
+
+
+def _guarded_inputs(paths: Sequence[str | os.PathLike], sources: Sequence[Source]) -> list[Path | str]:
+    """What ``check_store_output`` keeps ``--out`` away from: the paths given and the files globs matched.
+
+    A file inside a folder given is covered by the folder (an ``--out`` that
+    contains the file contains the folder or lies inside it), so a corpus of
+    thousands of files is not resolved file by file, three times over.
+    """
+    given = [Path(p).resolve() for p in paths if not glob.has_magic(str(p))]
+    inputs: list[Path | str] = [*paths]
+    for source in sources:
+        if not any(source.path == g or source.path.is_relative_to(g) for g in given):
+            inputs.append(source.path)
+    return inputs
 
 
 def corpus_parts(
@@ -281,7 +297,7 @@ def corpus_parts(
             while piece is not None:
                 following = next(pieces, None)
                 data = piece if with_text else None
-                size = len(piece.encode("utf-8"))
+                size = utf8_len(piece)
                 yield Part("text", str(source.path), data, first, following is None, -1, size)
                 piece, first = following, False
 
@@ -299,7 +315,7 @@ def _train_bytes(counts: Sequence[TaskCount], is_val: np.ndarray) -> tuple[list[
 
 
 def bpe_word_counts(
-    pool: Any,
+    pool: WorkerPool | None,
     tasks: Iterable[list[Part]],
     task_docs: Sequence[int],
     train_bytes: Sequence[int],
@@ -307,6 +323,7 @@ def bpe_word_counts(
     text_field: str,
     budget: int,
     seed: int,
+    progress: bool = False,
 ) -> tuple[Counter[str], int]:
     """Word counts of a sample of the training text for BPE, and the sample's size in UTF-8 bytes.
 
@@ -331,17 +348,27 @@ def bpe_word_counts(
 
     total: Counter[str] = Counter()
     used = 0
-    for words, size in ordered_map(pool, partial(count_task_words, text_field=text_field), items()):
+    planned = sum(train_bytes[k] for k in chosen)
+    counted = ordered_map(pool, partial(count_task_words, text_field=text_field), items())
+    for words, size in _progress(counted, progress, "BPE sample", lambda r: r[1], planned):
         total.update(words)
         used += size
     return total, used
 
 
-def _counting(results: Iterator[EncodedTask], bar: Any) -> Iterator[EncodedTask]:
-    for result in results:
-        bar.update(int(result.num_bytes.sum()))
-        yield result
-    bar.close()
+def _progress(
+    results: Iterable[Any], show: bool, what: str, size: Any, total: int | None = None
+) -> Iterator[Any]:
+    """``results`` as they come, with a progress bar in bytes (``size(result)``) when ``show``."""
+    if not show:
+        yield from results
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=what, unit="B", unit_scale=True) as bar:
+        for result in results:
+            bar.update(size(result))
+            yield result
 
 
 def _write_documents(
@@ -356,12 +383,17 @@ def _write_documents(
     ``path:number``).
     """
 
+    relative: dict[str, str] = {}
+
     def stream() -> Iterator[tuple[np.ndarray, bool, bool, int, str]]:
         for task in encoded:
             end = 0
             for i, length in enumerate(task.lengths):
                 end += int(length)
-                name = str(Path(task.source[i]).relative_to(common))
+                source = task.source[i]
+                if source not in relative:
+                    relative[source] = str(Path(source).relative_to(common))
+                name = relative[source]
                 if task.record[i] >= 0:
                     name = f"{name}:{task.record[i]}"
                 yield (

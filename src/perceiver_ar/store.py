@@ -136,11 +136,12 @@ class StoreWriter:
                 raise ValueError("a document must be a 1-D sequence of token ids")
             if arr.size == 0:
                 continue
-            if arr.min() < 0 or arr.max() >= self.vocab_size:
+            low = 0 if arr.dtype.kind == "u" else arr.min()  # unsigned ids cannot be negative
+            if low < 0 or arr.max() >= self.vocab_size:
                 raise ValueError(
                     f"token ids must lie in [0, {self.vocab_size}), got {arr.min()}..{arr.max()}"
                 )
-            f.write(arr.astype(self.dtype).tobytes())
+            f.write(np.ascontiguousarray(arr, dtype=self.dtype).data)  # a copy only if needed
             n += arr.size
         if n == 0:
             raise ValueError("a document must be a non-empty 1-D sequence of token ids")

@@ -94,7 +94,9 @@ class ByteTokenizer:
 
     def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
         """``encode`` as an array (int64 unless ``dtype`` says), without a Python int per byte."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype) + TOKEN_OFFSET
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
+        ids += TOKEN_OFFSET
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the data ids; special ids are skipped, broken UTF-8 becomes U+FFFD."""
