@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from perceiver_ar.data import check_batch
+from perceiver_ar.samplers import check_batch
 from perceiver_ar.train import train
 from tests.conftest import make_model
 from tests.test_model import random_batch

@@ -382,7 +382,7 @@ MEMMAP_CHILD = textwrap.dedent(
     import resource, sys
     import numpy as np, torch
     from perceiver_ar import PerceiverAR, PerceiverARConfig
-    from perceiver_ar.data import RandomCrops, StreamWindows, crops_to_batch
+    from perceiver_ar.samplers import RandomCrops, StreamWindows, crops_to_batch
     from perceiver_ar.evaluate import evaluate_store
     from perceiver_ar.store import TokenStore
 

@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from perceiver_ar import PerceiverAR, PerceiverARConfig, perceiver_ar_loss, shift_events
-from perceiver_ar.data import (
+from perceiver_ar.data import default_corpus_files, prepare_text
+from perceiver_ar.samplers import (
     RandomCrops,
     StreamWindows,
     crops_to_batch,
-    default_corpus_files,
     positions_for_crop,
-    prepare_text,
     targets_per_row,
 )
 from perceiver_ar.store import TokenStore

@@ -15,11 +15,11 @@ import wave
 import numpy as np
 import pytest
 
-from perceiver_ar.data import positions_for_crop
 from perceiver_ar.modalities import BadInputFile, assign_splits
 from perceiver_ar.modalities import audio as au
 from perceiver_ar.modalities import images as im
 from perceiver_ar.modalities import music as mu
+from perceiver_ar.samplers import positions_for_crop
 from perceiver_ar.store import TokenStore
 from perceiver_ar.vocab import EOS_ID, SOS_ID
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from perceiver_ar import generate
-from perceiver_ar.data import positions_for_crop
 from perceiver_ar.modalities import audio as au
 from perceiver_ar.modalities import images as im
 from perceiver_ar.render import PIXEL_IDS, render
+from perceiver_ar.samplers import positions_for_crop
 from perceiver_ar.store import TokenStore
 from perceiver_ar.vocab import SOS_ID
 from tests.conftest import make_model

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import check_batch, positions_for_crop
 from .model import PerceiverAR
 from .provenance import check_store
+from .samplers import check_batch, positions_for_crop
 from .store import Split, TokenStore
 from .tokenizer import tokenizer_from_dict
 from .vocab import PAD_ID

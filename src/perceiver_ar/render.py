@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import positions_for_crop
 from .evaluate import evaluate
 from .files import check_output_path, is_empty_dir, write_json
 from .generate import DEFAULT_TEMPERATURE, generate
 from .modalities import audio, images, music
 from .model import PerceiverAR
 from .provenance import check_store
+from .samplers import positions_for_crop
 from .store import TokenStore
 from .vocab import EOS_ID, SOS_ID, TOKEN_OFFSET
 

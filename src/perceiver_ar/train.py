@@ -41,15 +41,6 @@ from . import checks, provenance
 from .checkpoint import non_finite_tensors
 from .config import PRESETS, PerceiverARConfig
 from .context_parallel import ContextParallel
-from .data import (
-    RandomCrops,
-    StreamWindows,
-    check_batch,
-    crops_to_batch,
-    make_sampler,
-    max_position,
-    targets_per_row,
-)
 from .evaluate import evaluate, unigram_log2p
 from .loss import perceiver_ar_loss, shift_events
 from .model import PerceiverAR
@@ -74,6 +65,15 @@ from .run_dir import (
     write_train_config,
 )
 from .runtime import PRECISIONS, Runtime, setup_runtime
+from .samplers import (
+    RandomCrops,
+    StreamWindows,
+    check_batch,
+    crops_to_batch,
+    make_sampler,
+    max_position,
+    targets_per_row,
+)
 from .store import TokenStore
 
 

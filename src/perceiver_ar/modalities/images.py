@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 # The position rule lives with the batches that use it (data.py); named here too.
-from ..data import IMAGE_POSITION_KINDS as POSITION_KINDS
-from ..data import crop_positions as crop_positions
-from ..data import image_positions as image_positions
+from ..samplers import IMAGE_POSITION_KINDS as POSITION_KINDS
+from ..samplers import crop_positions as crop_positions
+from ..samplers import image_positions as image_positions
 from ..store import StoreWriter, check_store_output
 from ..vocab import SOS_ID, TOKEN_OFFSET
 from . import assign_splits, describe, find_files, handle_bad_file, split_keys
