@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from perceiver_ar import PerceiverAR, PerceiverARConfig, perceiver_ar_loss
 from perceiver_ar.attention import CrossMask
 from perceiver_ar.context_parallel import ContextParallel, ContextParallelAttention, KeySlice
+from perceiver_ar.run_dir import list_checkpoints
 from perceiver_ar.train import train
 from tests.test_train import TINY as TINY_TRAIN
 from tests.test_train import config, losses
@@ -181,9 +182,11 @@ TRAIN = dict(steps=3, batch_size=4, optimizer="sgd", lr=0.5, warmup_steps=2, eva
 TRAIN_MODEL = {**TINY_TRAIN, "dropout": 0.1, "cross_attend_dropout": 0.25}
 
 
-def train_under_torchrun(store, out: Path, nproc: int, context_parallel: int) -> str:
+def train_under_torchrun(store, out: Path, nproc: int, context_parallel: int, parallel: str = "auto") -> str:
     argv = ["-m", "perceiver_ar.cli", "train", "--data", store, "--out", str(out), "--preset", "tiny"]
     argv += [
+        "--parallel",
+        parallel,
         "--context-parallel",
         str(context_parallel),
         "--threads",
@@ -214,8 +217,18 @@ def test_train_context_parallel_2_equals_one_process(store, tmp_path):
     """2 processes sharing every row (dropout included: a group draws the same masks) == 1 process."""
     train(config(store, tmp_path / "one", model=TRAIN_MODEL, **TRAIN))
     stdout = train_under_torchrun(store, tmp_path / "cp2", nproc=2, context_parallel=2)
-    assert "2 process(es) on cpu, fp32, each row split across 2" in stdout
+    assert "2 process(es) (ddp) on cpu, fp32, each row split across 2" in stdout
     assert_same_run(tmp_path / "one", tmp_path / "cp2")
+
+
+def test_train_context_parallel_2_under_fsdp_equals_one_process(store, tmp_path):
+    """FSDP composes with context parallelism: the wrapper is FSDP's root, every weight is sharded over
+    both ranks and gathered piece by piece as the split forward calls it; the same run as 1 process."""
+    train(config(store, tmp_path / "one", model=TRAIN_MODEL, **TRAIN))
+    stdout = train_under_torchrun(store, tmp_path / "cp2", nproc=2, context_parallel=2, parallel="fsdp")
+    assert "2 process(es) (fsdp) on cpu, fp32, each row split across 2" in stdout
+    assert_same_run(tmp_path / "one", tmp_path / "cp2")
+    assert (list_checkpoints(tmp_path / "cp2")[-1] / "shards").is_dir()
 
 
 @pytest.mark.slow

@@ -38,7 +38,8 @@ from perceiver_ar.attention import (
 from perceiver_ar.evaluate import evaluate
 from perceiver_ar.generate import decode_one, prefill
 from perceiver_ar.kv_cache import KVCache
-from perceiver_ar.run_dir import list_checkpoints, load_optimizer_state
+from perceiver_ar.run_checkpoints import TrainState, load_checkpoint
+from perceiver_ar.run_dir import list_checkpoints
 from perceiver_ar.runtime import setup_runtime
 from perceiver_ar.train import make_optimizer, train
 from tests.conftest import make_model
@@ -196,7 +197,7 @@ def test_fp16_training_scales_the_loss_and_saves_the_scaler(store, tmp_path):  #
     assert setup_runtime("cpu", "fp16").grad_scaler().is_enabled()
     assert not setup_runtime("cpu", "bf16").grad_scaler().is_enabled()
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # anything but the saved scale
-    load_optimizer_state(make_optimizer(config(store, run), model), ckpt, scaler)
+    load_checkpoint(ckpt, TrainState(model, make_optimizer(config(store, run), model), scaler=scaler))
     assert scaler.get_scale() == saved["scale"]
 
 

@@ -313,7 +313,7 @@ def test_resume_records_safe_changes_and_a_finished_run_stays_as_it_is(store, tm
     train(config(store, run, steps=4, stop_at=2, eval_every=0, **QUIET))
     assert main(["train", "--resume", str(run), "--steps", "6", "--eval-every", "3", "--no-progress"]) == 0
     log = (run / RUN_LOG).read_text()
-    assert "resumed at step 2; changed --steps 4 -> 6, --eval-every 0 -> 3" in log
+    assert "resumed at step 2 on 1 process(es) (none); changed --steps 4 -> 6, --eval-every 0 -> 3" in log
     assert json.loads((run / "train_config.json").read_text())["steps"] == 6
     capsys.readouterr()
     before = snapshot(run)

@@ -36,6 +36,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROVENANCE_NAME = "provenance.json"
 MANIFEST_NAME = "MANIFEST.json"
+SHARDS_DIR = "shards"  # a sharded training checkpoint keeps its weights here, not in model.safetensors
 MANIFEST_FORMAT = "perceiver-ar-manifest/1"
 HEADER_CONFIG_KEY = "perceiver_ar_config"  # the config, as saved with the weights (safetensors metadata)
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -58,11 +59,12 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
 
 
 def write_manifest(directory: Path, **extra: Any) -> dict[str, Any]:
-    """MANIFEST.json listing every other file of ``directory`` with its size and SHA-256, written last."""
+    """MANIFEST.json listing every other file under ``directory`` (by relative path, subfolders too)
+    with its size and SHA-256, written last."""
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST_NAME
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_NAME
     }
     manifest = {"format": MANIFEST_FORMAT, **extra, "files": files}
     write_json(directory / MANIFEST_NAME, manifest)
@@ -128,7 +130,7 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_model(
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     config: PerceiverARConfig,
     directory: str | os.PathLike,
     provenance: dict[str, Any] | None = None,
@@ -137,11 +139,13 @@ def save_model(
     """Write a model directory; each file is replaced atomically, the manifest last (unless not ``manifest``:
     a checkpoint adds files and writes its own).
 
-    Refuses non-finite weights, and refuses to overwrite model files in a
-    directory that does not hold a model this tool wrote.
+    ``model`` is a module or its state dict (the whole weights of a sharded
+    model, gathered). Refuses non-finite weights, and refuses to overwrite
+    model files in a directory that does not hold a model this tool wrote.
     """
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     bad = non_finite_tensors(state)
     if bad:
         raise ValueError(
@@ -183,6 +187,11 @@ def read_model_dir(
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not weights_path.exists() and (directory / SHARDS_DIR).is_dir():
+        raise ValueError(
+            f"{directory} is a sharded training checkpoint (written under --parallel fsdp), not a model "
+            f"directory: `perceiver-ar export RUN OUT_DIR` writes one from it"
+        )
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(

@@ -6,7 +6,8 @@
     run.log                     what happened to the run: starts, resumes, changed settings, errors
     metrics.jsonl               one JSON line per step, plus eval lines
     checkpoints/step_000123/    a model directory (config.json, model.safetensors, provenance.json)
-                                plus optimizer.safetensors, train_state.json, MANIFEST.json
+                                plus optimizer.safetensors, train_state.json, MANIFEST.json;
+                                under FSDP shards/ instead of the two .safetensors (run_checkpoints.py)
     model/                      the latest weights, loadable by PerceiverAR.from_pretrained
     loss.png                    the loss curve, drawn at the end (plots.py)
     tensorboard/                when TensorBoard is installed
@@ -16,9 +17,9 @@ one process at a time holds its lock (``filelock``: released by the kernel
 when a process dies, so a killed run's lock is taken over at once). A
 checkpoint counts only once its MANIFEST.json (every file with its size and
 SHA-256) is written: files go to a uniquely named temporary folder, are
-fsynced and renamed into place; the last ``keep`` are kept. A resume verifies
-the newest checkpoint's checksums and falls back to the previous one when
-they fail. No pickle is ever written or read. Only rank 0 writes here.
+fsynced and renamed into place (``run_checkpoints`` writes them). A resume
+verifies the newest checkpoint's checksums and falls back to the previous one
+when they fail. No pickle is ever written or read. Only rank 0 writes here.
 """
 
 from __future__ import annotations
@@ -27,24 +28,14 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from filelock import FileLock, Timeout
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import (
-    MANIFEST_NAME,
-    manifest_problem,
-    non_finite_tensors,
-    save_model,
-    sha256_file,
-    write_manifest,
-)
+from .checkpoint import MANIFEST_NAME, SHARDS_DIR, manifest_problem, save_model, sha256_file
 from .files import (
     check_output_path,
     is_empty_dir,
@@ -66,6 +57,7 @@ MANIFEST = MANIFEST_NAME
 TRAIN_CONFIG = "train_config.json"
 TRAIN_STATE = "train_state.json"
 OPTIMIZER = "optimizer.safetensors"
+SHARDS = SHARDS_DIR  # a sharded checkpoint's folder of DCP shards
 METRICS = "metrics.jsonl"
 MODEL = "model"
 LOSS_PLOT = "loss.png"
@@ -87,24 +79,9 @@ SAFE_ON_RESUME = (
     "tensorboard",
     "device",
     "threads",
+    "parallel",
+    "context_parallel",
 )
-
-
-@dataclass
-class TrainState:
-    """Everything a resume needs.
-
-    The crops of a step, its dropout masks and its learning rate are functions
-    of (seed, step), and the seed is in the run's config: so the step, the
-    weights and the optimizer moments are the whole state of a run (with
-    fp16, also the gradient scaler's current scale).
-    """
-
-    model: PerceiverAR
-    optimizer: torch.optim.Optimizer
-    step: int = 0
-    # Enabled for fp16 only (Runtime.grad_scaler); disabled it passes everything through.
-    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
 
 def now() -> str:
@@ -298,51 +275,6 @@ def resume_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, notes: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step_N atomically (temporary folder, manifest last, fsync, rename); keep ``keep``.
-
-    ``notes`` go into train_state.json for people reading it; a resume reads
-    only the step and the optimizer from it.
-    """
-    step = state.step
-    final = run_dir / CHECKPOINTS / f"step_{step:06d}"
-    tmp = temp_dir_beside(final)
-    try:
-        save_model(state.model, state.model.config, tmp, state.model.provenance, manifest=False)
-        # The optimizer's tensors (moments, step counts) go to safetensors, its
-        # scalars and parameter groups to JSON.
-        opt_state = state.optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for pid, st in opt_state["state"].items():
-            for key, value in st.items():
-                if torch.is_tensor(value):
-                    tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{pid}.{key}"] = value
-        bad = non_finite_tensors(tensors)
-        if bad:
-            raise ValueError(
-                f"the optimizer state is not finite (NaN or inf in {', '.join(bad[:3])}): not saved"
-            )
-        save_file(tensors, str(tmp / OPTIMIZER))
-        record = {
-            **notes,
-            "step": step,
-            "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
-        }
-        if state.scaler.is_enabled():
-            record["grad_scaler"] = state.scaler.state_dict()  # floats and ints
-        (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=2) + "\n")
-        write_manifest(tmp, step=step)
-        publish_dir(tmp, final)  # an older step_N (a resumed run redoing it) is replaced
-    except BaseException:
-        remove_temp(tmp)
-        raise
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
-    return final
-
-
 def is_complete(ckpt: Path) -> bool:
     """A checkpoint counts when its manifest exists and every listed file has its size.
 
@@ -384,37 +316,15 @@ def latest_valid_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
     )
 
 
-def last_checkpoint(run_dir: Path) -> Path:
-    """The newest checkpoint that passes its checksums, the one a resume starts from."""
-    return latest_valid_checkpoint(run_dir)[0]
+def publish_model(model: PerceiverAR, run_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Replace RUN_DIR/model with the current weights (written aside, fsynced, then swapped in).
 
-
-def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, ckpt: Path, scaler: torch.amp.GradScaler | None = None
-) -> int:
-    """Restore the optimizer (and an enabled gradient scaler) from a checkpoint; returns its step.
-
-    A scaler saved by an fp16 run is restored only into an fp16 run; any other
-    run starts its scaler afresh (a bf16 or fp32 resume has none).
+    ``weights``: the whole weights when ``model`` holds only a shard of them (FSDP, gathered on rank 0).
     """
-    state = json.loads((ckpt / TRAIN_STATE).read_text())
-    if scaler is not None and scaler.is_enabled() and "grad_scaler" in state:
-        scaler.load_state_dict(state["grad_scaler"])
-    tensors = load_file(str(ckpt / OPTIMIZER))
-    per_param: dict[int, dict[str, Any]] = {}
-    for name, value in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
-        pid, key = name.split(".", 1)
-        per_param.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
-    return int(state["step"])
-
-
-def publish_model(model: PerceiverAR, run_dir: Path) -> Path:
-    """Replace RUN_DIR/model with the current weights (written aside, fsynced, then swapped in)."""
     final = run_dir / MODEL
     tmp = temp_dir_beside(final)
     try:
-        model.save_pretrained(tmp)
+        save_model(model if weights is None else weights, model.config, tmp, model.provenance)
         return publish_dir(tmp, final)
     except BaseException:
         remove_temp(tmp)

@@ -1,9 +1,16 @@
-"""Where and how a process computes: device, autocast precision, CPU threads, process groups.
+"""Where and how a process computes: device, autocast precision, CPU threads, process groups and mesh.
 
 Decided once per process by ``setup_runtime`` and then only read: training,
 ``perceiver-ar eval``, ``generate`` and ``render`` all take their ``Runtime``
 from here. This is the one module that asks torch whether CUDA is available
 (a test scans the package for any other caller).
+
+A distributed run's processes form a ``DeviceMesh`` with named dimensions
+``("dp", "cp")``: data parallel (each dp rank trains on its own slice of the
+batch) and context parallel (the K ranks that share one row's inputs,
+``context_parallel.py``). ``build_mesh`` is the one place the mesh is made.
+DDP averages gradients over every rank; FSDP shards over ``fsdp_mesh`` (the
+dp dimension, or the whole world flattened when rows are split).
 
 ``OMP_WAIT_POLICY`` is not set here: it must be set before torch is first
 imported, and the package's ``__init__`` runs before any of its modules
@@ -15,14 +22,19 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MESH_DIMS = ("dp", "cp")  # data parallel, context parallel
 # The --precision help of the inference commands (eval, generate, render).
 INFERENCE_PRECISION_HELP = (
     "auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16: the model is cast to it "
@@ -72,6 +84,43 @@ class Runtime:
         return None if self.cp_size == 1 else self.mesh.get_group("cp")
 
     @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The 1-D mesh FSDP shards over: the dp dimension, or with context parallelism every rank.
+
+        The K ranks of a row hold gradients that must be summed (each has its
+        slice's embedding gradients and 1/K of the replicated rest), as DDP
+        over the whole world does: FSDP then shards over the whole world too.
+        """
+        assert self.mesh is not None, "FSDP needs a process group: setup_runtime(group_of_one=True)"
+        return self.mesh["dp"] if self.cp_size == 1 else self.mesh["dp", "cp"]._flatten("dp_cp")
+
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank (a path rank 0 chose); as is without a process group.
+
+        Sent as UTF-8 bytes in a tensor, so nothing is pickled.
+        """
+        if self.mesh is None:
+            return text
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=self.device)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0)
+        if int(size.item()) == 0:
+            return ""
+        buffer = (
+            data if self.is_main else torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        )
+        dist.broadcast(buffer, src=0)
+        return bytes(buffer.cpu().tolist()).decode()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (the same answer on every rank)."""
+        if self.mesh is None:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    @property
     def precision(self) -> str:
         if self.autocast_dtype == torch.float16:
             return "fp16 autocast + gradient scaler"
@@ -92,6 +141,23 @@ class Runtime:
         """
         return torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
+
+    def fsdp_mixed_precision(self) -> MixedPrecisionPolicy:
+        """FSDP's mixed precision for this precision: weights gathered in the compute dtype, gradients
+        reduced in fp32.
+
+        bf16 (the default on a GPU that has it): every rank keeps fp32 shards
+        (the master weights and the optimizer state), FSDP gathers them as bf16
+        for the forward and backward and reduce-scatters the gradients in fp32.
+        fp32: fp32 throughout. Inputs are not cast (``cast_forward_inputs``
+        off): autocast still runs around the forward, so the ops it keeps in
+        fp32 and the fp32 rotary tables are as in the unsharded model.
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy  # torch >= 2.6 (parallel.py checks)
+
+        return MixedPrecisionPolicy(
+            param_dtype=self.autocast_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
 
     def for_inference(self, model: nn.Module) -> nn.Module:
@@ -126,13 +192,29 @@ class Runtime:
             f"{name} runs emulated, many times slower than fp32 (use --precision fp32 on it)"
         )
 
-    def close(self) -> None:
-        """Leave the process group if this runtime joined it (after every rank got here)."""
-        if self.world_size > 1 and dist.is_initialized():
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group if this runtime joined it (with ``wait``, after every rank got here:
+        not after an error, which the other ranks may never reach)."""
+        if wait and self.world_size > 1 and dist.is_initialized():
             dist.barrier()  # nobody leaves before rank 0 has written its last files
         if self.owns_process_group:
             dist.destroy_process_group()
             self.owns_process_group = False
+
+
+def build_mesh(device_type: str, world_size: int, context_parallel: int = 1) -> DeviceMesh:
+    """Every process of the run as a (dp, cp) mesh: ``world_size / context_parallel`` x ``context_parallel``.
+
+    Ranks that share a row (cp) are adjacent, so on a machine with several
+    GPUs they are on the same node.
+    """
+    if context_parallel < 1 or world_size % context_parallel:
+        raise ValueError(
+            f"{world_size} processes cannot be split into groups of {context_parallel} context-parallel "
+            "ranks: use a number of processes that is a multiple of it"
+        )
+    shape = (world_size // context_parallel, context_parallel)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
 
 def setup_runtime(
@@ -140,6 +222,7 @@ def setup_runtime(
     precision: str = "auto",
     threads: int | None = None,
     distributed: bool = False,
+    group_of_one: bool = False,
     context_parallel: int = 1,
 ) -> Runtime:
     """Pick the device, precision and CPU threads; with ``distributed``, join torchrun's process group.
@@ -150,8 +233,9 @@ def setup_runtime(
     supports it (compute capability 8.0 and up) and fp32 otherwise: fp32 on a CPU, where bf16 and
     fp16 run but are emulated unless the CPU has them natively (``Runtime.precision_note``).
     ``threads`` (CPU only): None leaves torch's own choice, 0 shares the cores between the processes
-    of this machine, N sets N. ``context_parallel``: the processes that share each row; the world
-    becomes a (world_size / context_parallel, context_parallel) mesh (``Runtime.mesh``).
+    of this machine, N sets N. Distributed processes form a (world_size / context_parallel,
+    context_parallel) mesh (``build_mesh``, ``Runtime.mesh``); ``group_of_one`` forms a process
+    group and mesh even for a single process (FSDP needs one).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     if context_parallel > 1 and (world_size == 1 or world_size % context_parallel):
@@ -185,11 +269,13 @@ def setup_runtime(
         precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{dev} does not support bf16: use --precision fp16 or fp32")
-    owns = world_size > 1 and not dist.is_initialized()
+    grouped = distributed and (world_size > 1 or group_of_one)
+    owns = grouped and not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    mesh = None
-    if world_size > 1:
-        shape = (world_size // context_parallel, context_parallel)
-        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=("dp", "cp"))
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend)  # torchrun's rendezvous (MASTER_ADDR/PORT or c10d)
+        else:  # a group of one needs no rendezvous: an in-process store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = build_mesh(dev.type, world_size, context_parallel) if grouped else None
     return Runtime(dev, LOW_PRECISION_DTYPES.get(precision), rank, world_size, owns, mesh)

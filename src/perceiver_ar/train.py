@@ -1,19 +1,21 @@
-"""Training: ``TrainConfig`` (the run config) and ``train(cfg)``, one loop read top to bottom.
+"""Training: ``train(cfg)``, one loop read top to bottom (the config is ``train_config.TrainConfig``).
 
-The run directory (config, metrics, checkpoints, the published model) is
-written by ``run_dir``, the loss curve drawn by ``plots``, and the device,
-precision and process group come from ``runtime``.
+The run directory (config, metrics, the published model) is written by
+``run_dir``, checkpoints by ``run_checkpoints``, the loss curve drawn by
+``plots``; the device, precision and process mesh come from ``runtime``, and
+``parallel`` spreads the model over the processes (none, DDP or FSDP2).
 
 Resuming is exact because everything random is a function of (seed, step):
 the crops of step s come from ``sampler.crops(s)`` and every step reseeds
-torch (dropout) from (seed, step, rank). So the state to save is the step,
-the weights and the optimizer moments (``run_dir.TrainState``).
+torch (dropout) from (seed, step, data-parallel rank). So the state to save
+is the step, the weights and the optimizer moments (``run_checkpoints.TrainState``).
 
-Under ``torchrun`` each rank takes its own slice of the global batch and the
-loss is normalised by the global number of target tokens, so 2 processes
-compute the gradients of 1 process with the doubled batch. With
-``--context-parallel K`` each group of K ranks shares its rows, each rank
-holding a slice of every row's inputs (``context_parallel.py``).
+Under ``torchrun`` each data-parallel rank takes its own slice of the global
+batch and the loss is normalised by the global number of target tokens, so 2
+processes compute the gradients of 1 process with the doubled batch, with
+DDP or FSDP alike. With ``--context-parallel K`` each group of K ranks
+shares its rows, each rank holding a slice of every row's inputs
+(``context_parallel.py``).
 
 Safety (README "Safety"): the run directory is claimed and locked before
 anything is written (``run_dir.claim_run_dir``); a resume keeps the stored
@@ -24,12 +26,9 @@ stops the run with ``DivergenceError`` before anything non-finite is saved.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,166 +36,50 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checks, provenance
-from .checkpoint import non_finite_tensors
-from .config import PRESETS, PerceiverARConfig
-from .context_parallel import ContextParallel
+from . import provenance
 from .evaluate import evaluate, unigram_log2p
 from .loss import perceiver_ar_loss, shift_events
 from .model import PerceiverAR
+from .parallel import (
+    clip_grad_norm,
+    gradient_sync,
+    is_sharded,
+    non_finite_weights,
+    parallel_mode,
+    parallelize,
+)
 from .plots import plot_losses
+from .run_checkpoints import (
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from .run_dir import (
     LOSS_PLOT,
     METRICS,
     MODEL,
     RunLog,
-    TrainState,
     check_same_store,
     claim_run_dir,
     is_run_dir,
-    latest_valid_checkpoint,
     list_checkpoints,
-    load_optimizer_state,
-    publish_model,
     read_train_config,
     resume_changes,
-    save_checkpoint,
     write_run_marker,
     write_train_config,
 )
-from .runtime import PRECISIONS, Runtime, setup_runtime
-from .samplers import (
-    RandomCrops,
-    StreamWindows,
-    check_batch,
-    crops_to_batch,
-    make_sampler,
-    max_position,
-    targets_per_row,
-)
+from .runtime import Runtime, setup_runtime
+from .samplers import RandomCrops, StreamWindows, check_batch, crops_to_batch, make_sampler, targets_per_row
 from .store import TokenStore
+from .train_config import TrainConfig, build_model_config, check_model_fits_data
 
-
-def option(default: Any, text: str, check: checks.Check) -> Any:
-    """A TrainConfig field, its help text and its value check, shared with its ``perceiver-ar train`` flag."""
-    return field(default=default, metadata={"help": text, "check": check})
+__all__ = ["DivergenceError", "TrainConfig", "lr_at", "make_optimizer", "resume_config", "train"]
 
 
 class DivergenceError(RuntimeError):
     """A non-finite loss, gradient norm or weight: the run stopped and nothing non-finite was saved."""
-
-
-@dataclass
-class TrainConfig:
-    """How to train: data, model preset and overrides, optimisation, logging."""
-
-    data: str = option("", "the data store to train on, written by `perceiver-ar prepare`", checks.string)
-    out: str = option(
-        "runs/run", "the run directory: checkpoints/, metrics.jsonl, loss.png, model/", checks.text
-    )
-    preset: str = option("demo", f"model preset: {', '.join(PRESETS)}", checks.choice(*PRESETS))
-    model: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "overrides of the preset's model config fields"},
-    )
-    init_from: str | None = option(
-        None, "start from the weights and config of this model or run directory", checks.optional(checks.text)
-    )
-    resume: bool = option(False, "continue the run from its last complete checkpoint", checks.boolean)
-    steps: int = option(
-        1000,
-        "optimizer steps in all, the schedule's length (a resumed run goes on to it; it can only grow)",
-        checks.positive_int,
-    )
-    stop_at: int = option(
-        0,
-        "end this session at this step with a checkpoint, as if interrupted, to resume later (0: off)",
-        checks.nonnegative_int,
-    )
-    batch_size: int = option(
-        16, "rows per optimizer step, over all processes and accumulation micro-steps", checks.positive_int
-    )
-    grad_accum: int = option(
-        1, "gradient accumulation micro-steps per optimizer step (each process)", checks.positive_int
-    )
-    sampler: str = option(
-        "crops",
-        "crops: random crops ending anywhere in the split (documents weigh by length); "
-        "document-crops: each document equally likely, then a random crop (the official weighting); "
-        "stream: fixed windows over all documents",
-        checks.choice("crops", "document-crops", "stream"),
-    )
-    optimizer: str = option("adamw", "adamw, adam or sgd", checks.choice("adamw", "adam", "sgd"))
-    lr: float = option(1e-3, "peak learning rate", checks.positive_float)
-    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this", checks.unit_interval)
-    schedule: str = option(
-        "cosine", "cosine or constant after the warm-up", checks.choice("cosine", "constant")
-    )
-    warmup_steps: int = option(100, "steps of linear warm-up from 0", checks.nonnegative_int)
-    weight_decay: float = option(
-        0.0, "decoupled weight decay (adamw) on matrices only", checks.nonnegative_float
-    )
-    beta1: float = option(0.9, "Adam beta1", checks.fraction)
-    beta2: float = option(0.95, "Adam beta2", checks.fraction)
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", checks.nonnegative_float)
-    seed: int = option(0, "seed of the initial weights, the crops and dropout", checks.nonnegative_int)
-    eval_every: int = option(
-        500, "steps between validation evaluations (0: only at the end)", checks.nonnegative_int
-    )
-    eval_tokens: int = option(
-        32768, "validation targets scored at each evaluation (block protocol)", checks.positive_int
-    )
-    eval_batch_size: int = option(8, "rows per evaluation forward", checks.positive_int)
-    checkpoint_every: int = option(
-        500, "steps between checkpoints (the last step always saves)", checks.nonnegative_int
-    )
-    keep_checkpoints: int = option(
-        3, "how many of the latest checkpoints to keep (0: all)", checks.nonnegative_int
-    )
-    log_every: int = option(10, "steps between progress-bar and TensorBoard updates", checks.positive_int)
-    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N", checks.text)
-    precision: str = option(
-        "auto",
-        "auto (bf16 autocast on a CUDA GPU that has bf16, else fp32), fp32, bf16 (autocast, fp32 master "
-        "weights) or fp16 (autocast with a gradient scaler)",
-        checks.choice(*PRECISIONS),
-    )
-    threads: int = option(0, "CPU threads per process (0: cores / local processes)", checks.nonnegative_int)
-    context_parallel: int = option(
-        1,
-        "split each row's inputs across this many processes (context parallelism; under torchrun, "
-        "processes = data-parallel groups x this)",
-        checks.positive_int,
-    )
-    compile: bool = option(
-        False,
-        "torch.compile the training forward (compiled once for full batches, once for short crops)",
-        checks.boolean,
-    )
-    progress: bool = option(True, "show a progress bar", checks.boolean)
-    tensorboard: bool = option(True, "also log to TensorBoard when it is installed", checks.boolean)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check = f.metadata.get("check")
-            if check is not None:
-                try:
-                    setattr(self, f.name, check(getattr(self, f.name)))
-                except ValueError as e:
-                    raise ValueError(f"TrainConfig.{f.name} (--{f.name.replace('_', '-')}) {e}") from None
-        if not isinstance(self.model, dict):
-            raise ValueError(f"TrainConfig.model must be a dict of model config fields, got {self.model!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**d)
 
 
 def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -248,62 +131,25 @@ def make_optimizer(cfg: TrainConfig, model: PerceiverAR) -> torch.optim.Optimize
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose 'adamw', 'adam' or 'sgd'")
 
 
-# ----------------------------------------------------------------------------
-# The model for a run
-# ----------------------------------------------------------------------------
-
-
-def build_model_config(cfg: TrainConfig, store: TokenStore) -> PerceiverARConfig:
-    """The preset with overrides, sized to the data: vocabulary and absolute position tables."""
-    overrides = dict(cfg.model)
-    overrides.setdefault("vocab_size", store.vocab_size)
-    model_cfg = PerceiverARConfig.from_preset(cfg.preset, **overrides)
-    if model_cfg.position_encoding == "absolute" and "position_table_sizes" not in cfg.model:
-        needed = required_table_sizes(model_cfg, cfg.sampler, store)
-        model_cfg = PerceiverARConfig.from_preset(cfg.preset, **overrides, position_table_sizes=needed)
-    return model_cfg
-
-
-def required_table_sizes(model_cfg: PerceiverARConfig, sampler: str, store: TokenStore) -> tuple[int, ...]:
-    """Rows each absolute position table needs for this data (max position + 1)."""
-    if sampler == "stream":
-        return (model_cfg.context_len + 1,)
-    longest = max(int(store.split(s).lengths.max(initial=1)) for s in store.split_names)
-    return tuple(int(p) + 1 for p in max_position(store.meta, longest))
-
-
-def check_model_fits_data(model_cfg: PerceiverARConfig, sampler: str, store: TokenStore) -> None:
-    """Refuse a model whose vocabulary or absolute position tables cannot hold the data."""
-    if store.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"the data has vocab_size {store.vocab_size} but the model only {model_cfg.vocab_size}: "
-            "train a new model (without --init-from) or prepare the data with the model's tokenizer"
-        )
-    if model_cfg.position_encoding == "absolute":
-        needed = required_table_sizes(model_cfg, sampler, store)
-        have = model_cfg.position_table_sizes
-        if len(needed) != len(have) or any(h < n for h, n in zip(have, needed, strict=False)):
-            raise ValueError(
-                f"the absolute position tables hold {list(have)} rows but the documents need {list(needed)}: "
-                f"set --model.position_table_sizes '{list(needed)}', use --sampler stream, "
-                "or use rotary positions"
-            )
-
-
-def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> tuple[TrainState, list[str]]:
+def initial_state(
+    cfg: TrainConfig, store: TokenStore, rt: Runtime, mode: str
+) -> tuple[TrainState, Any, list[str]]:
     """Where a run starts: its newest valid checkpoint (resume), a model directory (init_from) or the preset.
 
-    Returns the state and notes for the run's log (checkpoints skipped as
+    Returns the state, the module whose forward trains (the model spread
+    over the processes by ``parallel.parallelize``, compiled with
+    ``--compile``) and notes for the run's log (checkpoints skipped as
     corrupt, a model without provenance). The model must have been trained
     on data like the store's (``provenance.check_store``). It stays fp32
-    whatever the precision: autocast computes in bf16 or fp16 from these
-    master weights, and the optimizer state is fp32 too.
+    whatever the precision: autocast (and FSDP's gathers) compute in bf16 or
+    fp16 from these master weights, and the optimizer state is fp32 too. The
+    optimizer is made after sharding, so it holds this rank's shards only.
     """
     run_dir = Path(cfg.out)
     ckpt, notes = None, []
     if cfg.resume:
-        ckpt, notes = latest_valid_checkpoint(run_dir)
-        model = PerceiverAR.from_pretrained(ckpt, verify=False)  # its checksums were just verified
+        ckpt, notes = find_checkpoint(run_dir, rt)
+        model = model_from_checkpoint(ckpt)
     elif list_checkpoints(run_dir):
         raise ValueError(
             f"{run_dir} already holds checkpoints: pass --resume {run_dir} or choose another --out"
@@ -319,11 +165,13 @@ def initial_state(cfg: TrainConfig, store: TokenStore, rt: Runtime) -> tuple[Tra
     notes += [note] if note else []
     model.provenance = provenance.from_store_meta(store.meta)  # what it is trained on from now
     check_model_fits_data(model.config, cfg.sampler, store)
-    model.to(rt.device)
+    forward_model = parallelize(model.to(rt.device), rt, mode)
     state = TrainState(model, make_optimizer(cfg, model), scaler=rt.grad_scaler())
     if ckpt is not None:
-        state.step = load_optimizer_state(state.optimizer, ckpt, state.scaler)
-    return state, notes
+        state.step = load_checkpoint(ckpt, state)
+    if cfg.compile:
+        forward_model = compile_forward(forward_model)
+    return state, forward_model, notes
 
 
 # ----------------------------------------------------------------------------
@@ -360,8 +208,8 @@ def train_step(
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     # The global batch of this step is the same on every rank; each data-parallel
-    # group takes its slice. Dividing by the global target count makes the DDP
-    # average of the ranks' gradients the gradient of the per-token mean loss:
+    # group takes its slice. Dividing by the global target count makes the DDP or
+    # FSDP average of the ranks' gradients the gradient of the per-token mean loss:
     # the K ranks of a context-parallel group compute the same loss, and the
     # group's gradient sum is K times its rows' (context_parallel.py).
     crops = sampler.crops(state.step, cfg.batch_size)
@@ -381,9 +229,8 @@ def train_step(
         full_rows = check_batch(events, positions, model_cfg)
         inputs, targets = shift_events(torch.from_numpy(events).to(rt.device))
         positions = torch.from_numpy(positions).to(rt.device)
-        # Only the last micro-step syncs gradients across ranks.
-        sync = micro == cfg.grad_accum - 1 or rt.world_size == 1
-        with contextlib.nullcontext() if sync else forward_model.no_sync(), rt.autocast():
+        # DDP syncs gradients across ranks at the last micro-step only (parallel.gradient_sync).
+        with gradient_sync(forward_model, micro == cfg.grad_accum - 1), rt.autocast():
             out = forward_model(inputs, positions, full_rows=full_rows, validate=False)
             loss = perceiver_ar_loss(out.logits, targets, out.latent_index, model_cfg.z_loss)
         # fp16: the scaler multiplies the loss so that small gradients survive (a no-op otherwise).
@@ -396,7 +243,7 @@ def train_step(
         sums /= rt.cp_size  # the ranks of a context-parallel group counted the same rows
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     state.scaler.unscale_(state.optimizer)  # clip the true gradients
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
+    grad_norm = clip_grad_norm(state.model, clip)  # of the whole gradient, also when sharded
     loss_sum = float(sums[0])
     # Divergence stops the run before the update touches the weights. With fp16
     # the gradient scaler skips a step whose gradients overflowed (and lowers
@@ -428,10 +275,13 @@ def train_step(
 def validate(
     cfg: TrainConfig, rt: Runtime, model: PerceiverAR, store: TokenStore, baseline: np.ndarray | None
 ) -> dict[str, Any] | None:
-    """Block-protocol bits/token on the validation split (rank 0 only; None without one)."""
-    if "validation" not in store.split_names or not rt.is_main:
+    """Block-protocol bits/token on the validation split (on rank 0; None without one and elsewhere).
+
+    Under FSDP every rank runs the same forwards (each needs the others' shards); rank 0 reports.
+    """
+    if "validation" not in store.split_names or not (rt.is_main or is_sharded(model)):
         return None
-    return evaluate(
+    result = evaluate(
         model,
         store.split("validation"),
         protocol="block",
@@ -442,29 +292,28 @@ def validate(
         autocast_dtype=rt.autocast_dtype,
         baseline_log2p=baseline,
     )
+    return result if rt.is_main else None
 
 
 def checkpoint(cfg: TrainConfig, rt: Runtime, state: TrainState) -> int:
-    """Rank 0 saves a checkpoint and publishes it as model/; returns the step saved.
+    """Save a checkpoint and publish it as model/ (every rank takes part); returns the step saved.
 
     Non-finite weights are never written: every rank checks them first.
     """
-    bad = non_finite_tensors(state.model.state_dict())
+    bad = non_finite_weights(state.model, rt)
     if bad:
         raise DivergenceError(
             f"step {state.step}: the weights are not finite (NaN or inf in {', '.join(bad[:3])})"
         )
-    if rt.is_main:
-        notes = {
-            "seed": cfg.seed,
-            # Crops, dropout and the learning rate are functions of (seed, step):
-            # restoring the step restores them.
-            "sampler": {"kind": cfg.sampler, "next_step": state.step},
-            "rng": {"torch_seed": "SeedSequence([seed, step, rank]) at every step"},
-            "schedule": {"kind": cfg.schedule, "next_lr": lr_at(cfg, state.step)},
-        }
-        save_checkpoint(Path(cfg.out), state, notes, cfg.keep_checkpoints)
-        publish_model(state.model, Path(cfg.out))
+    notes = {
+        "seed": cfg.seed,
+        # Crops, dropout and the learning rate are functions of (seed, step):
+        # restoring the step restores them.
+        "sampler": {"kind": cfg.sampler, "next_step": state.step},
+        "rng": {"torch_seed": "SeedSequence([seed, step, rank]) at every step"},
+        "schedule": {"kind": cfg.schedule, "next_lr": lr_at(cfg, state.step)},
+    }
+    save_checkpoint(Path(cfg.out), state, notes, cfg.keep_checkpoints, rt)
     return state.step
 
 
@@ -482,25 +331,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     if cfg.compile and cfg.context_parallel > 1:
         raise ValueError("--compile does not apply to --context-parallel: train one of them")
-    rt = setup_runtime(cfg.device, cfg.precision, cfg.threads, True, cfg.context_parallel)
-    store = TokenStore(cfg.data)
-    if cfg.batch_size % (rt.dp_size * cfg.grad_accum):
-        raise ValueError(
-            f"batch_size {cfg.batch_size} must be divisible by data-parallel groups x grad_accum "
-            f"= {rt.dp_size} x {cfg.grad_accum}"
-        )
-    inputs = [cfg.data, *([cfg.init_from] if cfg.init_from else [])]
-    if not cfg.resume and not cfg.init_from:
-        build_model_config(cfg, store)  # a bad model setting fails before the run directory is made
-    lock = claim_run_dir(Path(cfg.out), cfg.resume, cfg.data, inputs) if rt.is_main else None
-    finished = False
+    fsdp = cfg.parallel == "fsdp"  # FSDP needs a process group, even of one process
+    rt = setup_runtime(cfg.device, cfg.precision, cfg.threads, True, fsdp, cfg.context_parallel)
+    lock, finished = None, False
     try:
-        result = run_session(cfg, rt, store)
+        mode = parallel_mode(cfg.parallel, rt.world_size, cfg.precision)
+        store = TokenStore(cfg.data)
+        if cfg.batch_size % (rt.dp_size * cfg.grad_accum):
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by data-parallel groups x grad_accum "
+                f"= {rt.dp_size} x {cfg.grad_accum}"
+            )
+        inputs = [cfg.data, *([cfg.init_from] if cfg.init_from else [])]
+        if not cfg.resume and not cfg.init_from:
+            build_model_config(cfg, store)  # a bad model setting fails before the run directory is made
+        lock = claim_run_dir(Path(cfg.out), cfg.resume, cfg.data, inputs) if rt.is_main else None
+        result = run_session(cfg, rt, store, mode)
         finished = True
         return result
     finally:
         if lock is not None:  # a run that failed before writing anything leaves no trace
             lock.release(abandon=not finished)
+        if not finished:
+            rt.close(wait=False)
 
 
 def diverged_message(what: str, saved_at: int) -> str:
@@ -516,7 +369,7 @@ def diverged_message(what: str, saved_at: int) -> str:
     )
 
 
-def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, Any]:
+def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore, mode: str) -> dict[str, Any]:
     """The body of ``train`` once the run directory is claimed: start, the loop, the end."""
     run_dir = Path(cfg.out)
     changes: list[str] = []
@@ -526,7 +379,7 @@ def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, A
         check_same_store(run_dir, cfg.data)
 
     # --- the model and optimizer: from the last checkpoint, a model directory, or a preset
-    state, notes = initial_state(cfg, store, rt)
+    state, forward_model, notes = initial_state(cfg, store, rt, mode)
     model, model_cfg = state.model, state.model.config
     result = {"run_dir": str(run_dir), "model_dir": str(run_dir / MODEL), "rank": rt.rank, "eval": None}
     if cfg.resume and state.step >= cfg.steps:  # a finished run: say so, change nothing
@@ -535,15 +388,6 @@ def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, A
     sampler = make_sampler(
         cfg.sampler, store.split("train"), model_cfg.context_len, model_cfg.num_latents, cfg.seed
     )
-    # The module that runs the forward: context parallelism splits each row's
-    # inputs across its group; DDP sums gradients over every rank.
-    forward_model: Any = model if rt.cp_size == 1 else ContextParallel(model, rt.cp_group)
-    if rt.world_size > 1:
-        ddp_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        forward_model = torch.nn.parallel.DistributedDataParallel(forward_model, device_ids=ddp_ids)
-    if cfg.compile:
-        forward_model = compile_forward(forward_model)
-
     # --- logging: rank 0 alone writes the run directory and prints
     if rt.is_main:
         if not cfg.resume or not is_run_dir(run_dir):  # a new run, or one from before run.json
@@ -555,16 +399,17 @@ def run_session(cfg: TrainConfig, rt: Runtime, store: TokenStore) -> dict[str, A
     if cfg.resume:
         log.note(
             state.step,
-            f"resumed at step {state.step}" + (f"; changed {', '.join(changes)}" if changes else ""),
+            f"resumed at step {state.step} on {rt.world_size} process(es) ({mode})"
+            + (f"; changed {', '.join(changes)}" if changes else ""),
         )
     else:
-        log.note(0, f"started on {rt.world_size} process(es), {rt.device}", show=False)
+        log.note(0, f"started on {rt.world_size} process(es) ({mode}), {rt.device}", show=False)
     if state.step == 0:
         log.print(
             f"model: {model.num_parameters():,} parameters, N={model_cfg.context_len} "
             f"M={model_cfg.num_latents} E={model_cfg.input_dim} D={model_cfg.latent_dim} "
-            f"L={model_cfg.num_latent_layers}; {rt.world_size} process(es) on {rt.device}, {rt.precision}"
-            + (f", each row split across {rt.cp_size}" if rt.cp_size > 1 else "")
+            f"L={model_cfg.num_latent_layers}; {rt.world_size} process(es) ({mode}) on {rt.device}, "
+            f"{rt.precision}" + (f", each row split across {rt.cp_size}" if rt.cp_size > 1 else "")
         )
     note = rt.precision_note()
     if note:
