@@ -57,7 +57,8 @@ SHELL_LANGS = {"bash", "sh", "shell", "console"}
 COMMAND_WORDS = {"perceiver-ar", "python", "torchrun", "make", "bash", "pip", "apt-get"}
 PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_]*|\.\.\.|<[^>]+>)$")
 # Options of tools that are not ours, named in the docs (pip, torchrun).
-EXTERNAL_FLAGS = {"--no-deps", "--ignore-requires-python", "--nproc_per_node"}
+EXTERNAL_FLAGS = {"--no-deps", "--ignore-requires-python", "--nproc_per_node", "--nproc-per-node"}
+EXTERNAL_FLAGS |= {"--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"}  # torchrun
 
 
 # ----------------------------------------------------------------------------
