@@ -259,3 +259,19 @@ def test_two_nodes_on_localhost_train_and_resume(runs, tmp_path):
     assert_same_curve(run, runs / "ref", range(1, 7))
     log = (run / "run.log").read_text()
     assert "started on 2 process(es) (fsdp)" in log and "resumed at step 3 on 2 process(es) (fsdp)" in log
+
+
+def test_bad_combinations_are_one_line_and_exit_2(runs, tmp_path, capsys):
+    """Refused combinations of --parallel, --precision and --context-parallel: exit 2, one line, no run."""
+    base = ["train", "--data", str(runs / "store"), "--preset", "tiny", "--steps", "1", "--no-progress"]
+    cases = [
+        (["--parallel", "fsdp", "--precision", "fp16"], "use --precision bf16 or fp32, or --parallel ddp"),
+        (["--parallel", "fsdp", "--context-parallel", "2"], "splits each row across 2 processes, but 1"),
+        (["--parallel", "zero3"], "--parallel"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert main([*base, "--out", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists()
