@@ -275,3 +275,14 @@ def test_bad_combinations_are_one_line_and_exit_2(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compile_under_fsdp_gives_the_same_losses(runs, tmp_path):
+    """torch.compile over FSDP2's hooks (one process): the losses of the reference run."""
+    store = str(runs / "store")
+    settings = {**SETTINGS, "stop_at": 2, "eval_every": 0}
+    train(TrainConfig(data=store, out=str(tmp_path / "run"), parallel="fsdp", compile=True, **settings))
+    got, want = losses(tmp_path / "run"), losses(runs / "ref")
+    assert sorted(got) == [1, 2]
+    assert np.allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], **TOL)
