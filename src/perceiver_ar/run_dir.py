@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, TextIO
@@ -181,14 +182,25 @@ class RunLock:
         self.release(abandon=exc_type is not None)
 
 
-def claim_run_dir(run_dir: Path, resume: bool, data_dir: str, inputs: list[str]) -> RunLock:
+# What a run writes, and all that ``train --overwrite`` removes (run.json and
+# the lock stay: they are rewritten and held).
+RUN_PRODUCTS = (TRAIN_CONFIG, RUN_LOG, "metrics.jsonl", CHECKPOINTS, "model", "loss.png", "tensorboard")
+
+
+def claim_run_dir(
+    run_dir: Path, resume: bool, data_dir: str, inputs: list[str], overwrite: bool = False
+) -> RunLock:
     """Check that ``run_dir`` may be written, create and mark it, and take its lock.
 
     A new run needs a new or empty directory or a run (run.json); a resume
     needs a run (or one written before run.json existed, which gets its
-    marker now). Anything else is refused, naming the fix.
+    marker now). Anything else is refused, naming the fix. ``overwrite``:
+    a run's own products (``RUN_PRODUCTS``) are removed once its lock is
+    held, so a run in progress is never touched; other files stay.
     """
     check_output_path(run_dir, inputs, scanned=False)
+    if resume and overwrite:
+        raise ValueError("--overwrite starts the run again and --resume continues it: pass one of them")
     if resume:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{run_dir} does not exist: there is no run to resume")
@@ -206,7 +218,16 @@ def claim_run_dir(run_dir: Path, resume: bool, data_dir: str, inputs: list[str])
     created = () if (run_dir / RUN_MARKER).exists() else (RUN_MARKER,)
     if created:
         write_run_marker(run_dir, data_dir)
-    return RunLock(run_dir, created, created_dir).acquire()
+    lock = RunLock(run_dir, created, created_dir).acquire()
+    if overwrite and not created:
+        for name in RUN_PRODUCTS:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        write_run_marker(run_dir, data_dir)  # the store this run trains on
+    return lock
 
 
 def check_same_store(run_dir: Path, data_dir: str) -> None:
@@ -253,11 +274,12 @@ def resume_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The settings a resume changes, as ``--flag old -> new``; refuses unsafe ones, listing them all.
 
     ``saved`` and ``new`` are complete run configs. Only ``SAFE_ON_RESUME``
-    may differ, --steps only upwards; ``out``, ``resume``, ``stop_at`` (a
-    setting of each session) and ``data`` (whose store is checked by content
+    may differ, --steps only upwards; ``out``, ``resume``, ``overwrite``,
+    ``stop_at`` (settings of each session) and ``data`` (whose store is checked by content
     instead) are not compared.
     """
-    keys = [k for k in new if k not in ("out", "resume", "data", "stop_at") and saved.get(k) != new[k]]
+    session = ("out", "resume", "overwrite", "data", "stop_at")
+    keys = [k for k in new if k not in session and saved.get(k) != new[k]]
     refused = [f"{flag(k)} {new[k]!r} (the run's: {saved.get(k)!r})" for k in keys if k not in SAFE_ON_RESUME]
     if "steps" in keys and new["steps"] < saved["steps"]:
         refused.append(f"--steps {new['steps']} (the run's: {saved['steps']}; --steps can only grow)")

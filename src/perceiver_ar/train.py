@@ -86,6 +86,7 @@ def resume_config(run_dir: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """The saved config of ``run_dir`` with ``resume=True`` and ``overrides`` applied."""
     d = read_train_config(run_dir)
     d["stop_at"] = 0  # a session setting: the resumed session runs on unless told otherwise
+    d["overwrite"] = False  # how the run began, not how it goes on
     d.update(overrides, out=str(run_dir), resume=True)
     return TrainConfig.from_dict(d)
 
@@ -345,7 +346,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         inputs = [cfg.data, *([cfg.init_from] if cfg.init_from else [])]
         if not cfg.resume and not cfg.init_from:
             build_model_config(cfg, store)  # a bad model setting fails before the run directory is made
-        lock = claim_run_dir(Path(cfg.out), cfg.resume, cfg.data, inputs) if rt.is_main else None
+        claim = (Path(cfg.out), cfg.resume, cfg.data, inputs, cfg.overwrite)
+        lock = claim_run_dir(*claim) if rt.is_main else None
         result = run_session(cfg, rt, store, mode)
         finished = True
         return result

@@ -43,6 +43,12 @@ class TrainConfig:
         None, "start from the weights and config of this model or run directory", checks.optional(checks.text)
     )
     resume: bool = option(False, "continue the run from its last complete checkpoint", checks.boolean)
+    overwrite: bool = option(
+        False,
+        "start again in --out if it is a training run (run.json) that no process holds: its checkpoints, "
+        "model and logs are removed first, other files kept; anything else is refused",
+        checks.boolean,
+    )
     steps: int = option(
         1000,
         "optimizer steps in all, the schedule's length (a resumed run goes on to it; it can only grow)",
