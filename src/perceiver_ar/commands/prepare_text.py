@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .checks import fraction, nonnegative_int, positive_int
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         bpe_vocab_size=args.vocab_size,
         validation_fraction=args.validation_fraction,
         seed=args.seed,
-        progress=True,
+        progress=sys.stderr.isatty(),  # bars for a person watching, not in logs or before an error line
         overwrite=args.overwrite,
         text_field=args.text_field,
         workers=args.workers,
