@@ -133,6 +133,17 @@ CASES = [
     ("render run --data store --out notes", "holds no render.json"),
     ("render run --data store --out r --num-samples 0", "--num-samples: must be a positive integer"),
     ("render run --data store --out r --top-p 0", "--top-p: must be in (0, 1]"),
+    # inspect
+    ("inspect nomodel --data store --out i", "nomodel does not exist"),
+    ("inspect run --data store --out i --doc 99", "--doc 99 is out of range"),
+    ("inspect run --data store --out i --start 100000", "lies outside document 0"),
+    ("inspect run --data store --out i --length 1000", "must be in [1, N=32]"),
+    ("inspect run --data store --out i --position-block 0", "--position-block: must be a positive integer"),
+    ("inspect run --data store --out i --split nope", "has no split 'nope'"),
+    ("inspect run --data store --out notes", "holds no inspect.json"),
+    ("inspect run --data store --out store", "contains the input"),
+    ("inspect run --data bpe --out i", "holds text, bpe tokenizer (V=259"),
+    ("inspect corrupt_model --data store --out i", "does not match its SHA-256"),
     # convert-official
     ("convert-official truncated.npz official.json m", "truncated or damaged"),
     ("convert-official nothing.npz official.json m", "nothing.npz does not exist"),

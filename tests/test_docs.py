@@ -644,6 +644,21 @@ def prepare_workspace(doc: str, fixtures: Path, work: Path) -> dict:
         PerceiverAR(PerceiverARConfig.from_preset("tiny")).save_pretrained(
             str(work / "runs/shakespeare/model")
         )
+    if doc == "docs/long_context.md":  # what benchmarks/bench_context_benefit.py leaves in runs/
+        from perceiver_ar import PerceiverAR, PerceiverARConfig, provenance
+        from perceiver_ar.data import prepare_text
+
+        out = work / "runs" / "context_benefit"
+        plays = work / "plays"
+        plays.mkdir()
+        for i in range(4):  # plays long enough for the documented --start
+            words = np.random.default_rng(i).choice(WORDS, size=6000)
+            (plays / f"play{i}.md").write_text(" ".join(words) + "\n")
+        prepare_text([plays], out / "data", validation_fraction=0.25)
+        torch.manual_seed(0)
+        model = PerceiverAR(PerceiverARConfig.from_preset("tiny", context_len=512, num_latents=32))
+        model.provenance = provenance.from_store_meta(json.loads((out / "data" / "meta.json").read_text()))
+        model.save_pretrained(str(out / "long"))
     if doc == "docs/modalities.md":  # an image, a MIDI file and a WAV file of the reader's
         namespace["pixels"] = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
         (work / "piece.mid").symlink_to(fixtures / "bach" / "piece0.mid")

@@ -303,6 +303,7 @@ BENCHMARKS = [
     "bench_cross_attend_dropout.py",
     "bench_context_parallel.py",
     "bench_prepare.py",
+    "bench_context_benefit.py",
 ]
 
 
@@ -312,6 +313,8 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     args = [sys.executable, str(BENCH / script), "--quick"]
     if script == "train_copy.py":
         args += ["--out", str(tmp_path / "copy-model")]
+    if script == "bench_context_benefit.py":
+        args += ["--out", str(tmp_path / "context-benefit")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))

@@ -448,6 +448,46 @@ def scaled_dot_product(
     return out
 
 
+def cross_visible(
+    masks: Masks,
+    num_queries: int,
+    num_keys: int,
+    rows: slice = slice(None),
+    device: torch.device | None = None,
+) -> Tensor:
+    """Which keys the cross-attend queries ``rows`` see under ``masks``, as ``scaled_dot_product`` sees them.
+
+    Boolean [B or 1, 1, rows, num_keys], True = attend. Full rows are the
+    bottom-right causal band (query i sees keys 0..num_keys - num_queries + i);
+    ``masks.cross`` is made dense; neither means every key (a cached decode
+    step). Rows in ``masks.uniform_rows`` see nothing: their output is the mean
+    of all values, so ``attention_weights`` gives them 1 / num_keys everywhere.
+    For inspection (``perceiver_ar.attention_maps``): the kernels never build it.
+    """
+    if masks.full_rows:
+        last = torch.arange(num_keys - num_queries, num_keys, device=device)[None]
+        return CrossMask(last).dense(num_keys, rows)
+    if masks.cross is not None:
+        return masks.cross.dense(num_keys, rows)
+    return torch.ones(1, 1, len(range(num_queries)[rows]), num_keys, dtype=torch.bool, device=device)
+
+
+def attention_weights(q: Tensor, k: Tensor, visible: Tensor, uniform_rows: Tensor | None = None) -> Tensor:
+    """The probabilities the kernels of ``scaled_dot_product`` apply to v, in fp32: [B, H, Lq, Lk].
+
+    softmax(q k^T / sqrt(dh)) over the keys ``visible`` marks (SDPA's default
+    scale, the one every kernel above uses), exactly 0 on the others; rows in
+    ``uniform_rows`` [B, Lq] get 1 / Lk on every key (the mean the kernels
+    return for a latent with nothing to see). For inspection: the caller
+    bounds Lq so that the [Lq, Lk] scores fit.
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    if uniform_rows is not None:
+        weights = torch.where(uniform_rows[:, None, :, None], 1.0 / k.shape[2], weights)
+    return weights
+
+
 def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | CrossMask | None, chunk_size: int) -> Tensor:
     """SDPA with a boolean mask (a ``CrossMask`` is made dense one query chunk at a time)."""
     Lq, Lk = q.shape[2], k.shape[2]

@@ -16,13 +16,13 @@ import argparse
 import os
 import sys
 
-from .commands import convert, export, generate, prepare, render, train
+from .commands import convert, export, generate, inspect, prepare, render, train
 from .commands import eval as eval_command
 from .commands.checks import Parser, check_paths
 
 # The subcommand modules, in the order --help lists them. Their register()
 # imports the library lazily, so building the parser stays cheap.
-COMMANDS = [convert, prepare, train, export, eval_command, generate, render]
+COMMANDS = [convert, prepare, train, export, eval_command, generate, render, inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -138,6 +138,18 @@ class CrossAttend(nn.Module):
         self.feed_forward = FeedForward(D, cfg.cross_attend_widening, cfg.activation, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def project(
+        self, z0: Tensor, emb: Tensor, rope_q: Rope | None, rope_k: Rope | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The latents' queries [B, H, M, E/H] and the inputs' keys and values [B, H, T, E/H].
+
+        Separate from ``forward`` so that ``perceiver_ar.attention_maps``
+        recomputes the attention weights from exactly the q and k the forward uses.
+        """
+        q = self.attention.queries(self.query_norm(z0), rope_q)
+        k, v = self.attention.keys_values(self.kv_norm(emb), rope_k)
+        return q, k, v
+
     def forward(
         self,
         z0: Tensor,
@@ -147,8 +159,7 @@ class CrossAttend(nn.Module):
         rope_k: Rope | None,
         cache: KVBuffer | None = None,
     ) -> Tensor:
-        q = self.attention.queries(self.query_norm(z0), rope_q)  # [B, H, M, E/H]
-        k, v = self.attention.keys_values(self.kv_norm(emb), rope_k)  # [B, H, T, E/H]
+        q, k, v = self.project(z0, emb, rope_q, rope_k)
         if cache is not None:
             # Generation: store these inputs' keys/values, attend to every cached one.
             k, v = cache.update(k, v)
