@@ -90,7 +90,13 @@ def test_distance_buckets_hold_the_mass_at_those_distances():
             w[:, max(s - (2**b - 1), 0) : s - 2 ** (b - 1) + 1].sum(-1) for b in range(1, 6)
         ]
         np.testing.assert_allclose(amap.distance_mass[:, m], np.stack(expected, axis=1), atol=1e-6)
+        widths = [1, 1, 2, 4, 8, 16]
+        counts = [min(wd, max(0, s + 1 - (2 ** (b - 1) if b else 0))) for b, wd in enumerate(widths)]
+        np.testing.assert_array_equal(amap.distance_count[m, :6], counts)
     assert amap.distance_buckets()[:5] == ["0", "1", "2-3", "4-7", "8-15"]
+    uniform = amap.distance_density()  # equal to the mass over the inputs, averaged over latents
+    by_hand = (amap.distance_mass / np.maximum(amap.distance_count, 1)).mean(axis=1)
+    np.testing.assert_allclose(uniform, by_hand, atol=1e-9)
 
 
 def test_blocks_and_chunks_change_no_number(monkeypatch):

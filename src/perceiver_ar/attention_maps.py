@@ -54,12 +54,15 @@ class CrossAttentionMap:
     averaged over the block's latents); each row sums to 1 over the columns.
     ``distance_mass[h, m, d]``: the weight latent m gives to inputs d-bucket
     back from its own input (bucket 0: itself, bucket b >= 1: 2^(b-1) to
-    2^b - 1 back). ``visible_sum`` / ``hidden_sum`` [H, M]: each latent's total
+    2^b - 1 back), and ``distance_count[m, d]`` how many inputs that bucket
+    holds for latent m (fewer than the bucket's width near the sequence
+    start). ``visible_sum`` / ``hidden_sum`` [H, M]: each latent's total
     weight on the inputs it may see / may not see (1 and exactly 0).
     """
 
     weights: np.ndarray  # [H, rows, columns]
     distance_mass: np.ndarray  # [H, M, buckets]
+    distance_count: np.ndarray  # [M, buckets]
     latent_index: np.ndarray  # [M] input index of each latent
     visible_sum: np.ndarray  # [H, M]
     hidden_sum: np.ndarray  # [H, M]
@@ -73,6 +76,17 @@ class CrossAttentionMap:
     def mean_weights(self) -> np.ndarray:
         """The heads' mean, [rows, columns]."""
         return self.weights.mean(axis=0)
+
+    def distance_density(self) -> np.ndarray:
+        """Weight per input at each distance bucket, [H, buckets]: mass / inputs, averaged over latents.
+
+        Uniform attention is flat here, while ``distance_mass`` grows with
+        the bucket width; latents without inputs in a bucket do not count.
+        """
+        count = self.distance_count[None]
+        per_input = np.where(count > 0, self.distance_mass / np.maximum(count, 1), 0.0)
+        latents = np.maximum((self.distance_count > 0).sum(axis=0), 1)
+        return per_input.sum(axis=1) / latents
 
     def distance_buckets(self) -> list[str]:
         """Labels of the distance buckets: "0", "1", "2-3", "4-7", ..."""
@@ -97,6 +111,7 @@ class CrossAttentionMap:
             "distance_buckets": self.distance_buckets(),
             "distance_mass_mean": per_head.mean(axis=0).round(6).tolist(),
             "distance_mass_per_head": per_head.round(6).tolist(),
+            "weight_per_input_mean": self.distance_density().mean(axis=0).tolist(),
             **self.extra,
         }
 
@@ -180,6 +195,7 @@ def cross_attention_map(
     device = q.device
     weights = torch.zeros(H, rows, columns, dtype=torch.float64, device=device)
     distance_mass = torch.zeros(H, M, num_buckets, dtype=torch.float64, device=device)
+    distance_count = torch.zeros(M, num_buckets + 1, dtype=torch.float64, device=device)
     visible_sum = torch.zeros(H, M, dtype=torch.float64, device=device)
     hidden_sum = torch.zeros(H, M, dtype=torch.float64, device=device)
     error = 0.0
@@ -208,6 +224,9 @@ def cross_attention_map(
         binned = torch.zeros(H, c, num_buckets + 1, dtype=torch.float64, device=device)
         binned.scatter_add_(2, bucket.expand(H, c, T), w.double())
         distance_mass[:, sl] = binned[..., :num_buckets]
+        distance_count[sl].scatter_add_(
+            1, bucket, torch.ones(bucket.shape, dtype=torch.float64, device=device)
+        )
     if error > tolerance * scale:
         raise RuntimeError(
             f"the recomputed weights give the cross-attend output to {error:.3g} (scale {scale:.3g}): "
@@ -218,6 +237,7 @@ def cross_attention_map(
     return CrossAttentionMap(
         weights=weights.cpu().numpy(),
         distance_mass=distance_mass.cpu().numpy(),
+        distance_count=distance_count[:, :num_buckets].cpu().numpy(),
         latent_index=latent_index.cpu().numpy(),
         visible_sum=visible_sum.cpu().numpy(),
         hidden_sum=hidden_sum.cpu().numpy(),
@@ -285,26 +305,36 @@ def draw_heat_maps(amap: CrossAttentionMap, path: Path, title: str = "") -> Path
 
 
 def draw_distance(amap: CrossAttentionMap, path: Path, title: str = "") -> Path:
-    """Mean attention mass against distance back from the latent's own input, per head and their mean."""
+    """Attention against distance back from the latent's own input, per head and their mean.
+
+    Left: the mass in each power-of-two bucket of distances (where the
+    attention goes); right: the weight per input in it (what one input at
+    that distance gets; flat for uniform attention).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_head = amap.distance_mass.mean(axis=1)  # [H, buckets]
-    x = np.arange(per_head.shape[1])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for h, mass in enumerate(per_head):
-        ax.plot(x, mass, lw=1, alpha=0.6, marker=".", label=f"head {h}")
-    ax.plot(x, per_head.mean(axis=0), color="black", lw=2.5, marker="o", label="mean of heads")
-    ax.set_xticks(x, amap.distance_buckets(), rotation=45, fontsize=7)
-    ax.set_xlabel("distance back from the latent's input (inputs)")
-    ax.set_ylabel("attention mass (mean over latents)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    x = np.arange(amap.distance_mass.shape[-1])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (
+        (amap.distance_mass.mean(axis=1), "attention mass in the bucket (mean over latents)"),
+        (amap.distance_density(), "weight per input (mean over latents)"),
+    )
+    for ax, (per_head, ylabel) in zip(axes, panels, strict=True):
+        for h, values in enumerate(per_head):
+            ax.plot(x, np.where(values > 0, values, np.nan), lw=1, alpha=0.6, marker=".", label=f"head {h}")
+        mean = per_head.mean(axis=0)
+        ax.plot(x, np.where(mean > 0, mean, np.nan), color="black", lw=2.5, marker="o", label="mean of heads")
+        ax.set_xticks(x, amap.distance_buckets(), rotation=45, fontsize=7)
+        ax.set_xlabel("distance back from the latent's input (inputs)")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -322,6 +352,7 @@ def write_attention_maps(amap: CrossAttentionMap, directory: Path, title: str = 
         directory / "attention.npz",
         weights=amap.weights.astype(np.float32),
         distance_mass=amap.distance_mass.astype(np.float32),
+        distance_count=amap.distance_count.astype(np.int64),
         latent_index=amap.latent_index,
         visible_sum=amap.visible_sum,
         hidden_sum=amap.hidden_sum,
