@@ -10,7 +10,7 @@ from perceiver_ar.cli import build_parser, main
 from perceiver_ar.config import PRESETS
 from perceiver_ar.train import TrainConfig
 
-SUBCOMMANDS = ["convert-official", "prepare", "train", "export", "eval", "generate", "render"]
+SUBCOMMANDS = ["convert-official", "prepare", "train", "export", "eval", "generate", "render", "inspect"]
 MODALITIES = ["text", "audio", "copy", "image", "music"]
 
 
