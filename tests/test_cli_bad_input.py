@@ -170,4 +170,4 @@ def test_bad_input_exits_2_in_one_line_and_changes_nothing(workspace, monkeypatc
 def test_there_are_at_least_30_cases_across_every_command():
     assert len(CASES) >= 30
     commands = {c[0].split()[0] for c in CASES}
-    assert commands == {"prepare", "train", "eval", "generate", "render", "convert-official"}
+    assert commands == {"prepare", "train", "eval", "generate", "render", "convert-official", "inspect"}

@@ -179,5 +179,5 @@ def test_inspect_command_end_to_end(tiny_run, capsys):
     assert arrays["weights"].shape == (4, 16, 16)
     assert (out / "attention.png").read_bytes()[:4] == b"\x89PNG"
     # An earlier inspect output is replaced; a shorter window of another document works too.
-    assert main([*argv, "--doc", "1", "--start", "5", "--length", "40"]) == 0
+    assert main([*argv, "--doc", "1", "--start", "5", "--length", "40", "--mean-only"]) == 0
     assert json.loads((out / "inspect.json").read_text())["num_inputs"] == 40

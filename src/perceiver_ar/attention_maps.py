@@ -253,8 +253,10 @@ def cross_attention_map(
 # ----------------------------------------------------------------------------
 
 
-def draw_heat_maps(amap: CrossAttentionMap, path: Path, title: str = "") -> Path:
+def draw_heat_maps(amap: CrossAttentionMap, path: Path, title: str = "", heads: bool = True) -> Path:
     """The mean over heads, then each head: latents (rows) against input positions (columns), log colour.
+
+    ``heads=False`` draws the mean alone (a smaller file, for documents).
 
     Cells with no weight at all (inputs a latent may not see) are left blank,
     so the causal boundary shows as the edge of the coloured region.
@@ -265,12 +267,14 @@ def draw_heat_maps(amap: CrossAttentionMap, path: Path, title: str = "") -> Path
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    panels = [("mean of heads", amap.mean_weights)] + [
-        (f"head {h}", amap.weights[h]) for h in range(amap.weights.shape[0])
-    ]
+    panels = [("mean of heads", amap.mean_weights)]
+    if heads:
+        panels += [(f"head {h}", amap.weights[h]) for h in range(amap.weights.shape[0])]
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.8 * cols + 1, 3.2 * nrows + 0.4), squeeze=False, layout="constrained"
+    )
     T, lb, pb = amap.num_inputs, amap.latent_block, amap.position_block
     first, last = int(amap.latent_index[0]), int(amap.latent_index[-1])
     positive = amap.weights[amap.weights > 0]
@@ -290,13 +294,13 @@ def draw_heat_maps(amap: CrossAttentionMap, path: Path, title: str = "") -> Path
             extent=(0, T, last + 0.5, first - 0.5),
         )
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel(f"input position (blocks of {pb})" if pb > 1 else "input position", fontsize=8)
-        ax.set_ylabel(f"latent's input (blocks of {lb})" if lb > 1 else "latent's input", fontsize=8)
+        ax.set_xlabel(f"input position ({pb} per cell)" if pb > 1 else "input position", fontsize=8)
+        ax.set_ylabel(f"latent's own input ({lb} per cell)" if lb > 1 else "latent's own input", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight (per block)")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight (summed per cell)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=90)
@@ -341,11 +345,16 @@ def draw_distance(amap: CrossAttentionMap, path: Path, title: str = "") -> Path:
     return path
 
 
-def write_attention_maps(amap: CrossAttentionMap, directory: Path, title: str = "") -> dict[str, str]:
-    """attention.png, distance.png, attention.npz (the arrays) and inspect.json into ``directory``."""
+def write_attention_maps(
+    amap: CrossAttentionMap, directory: Path, title: str = "", heads: bool = True
+) -> dict[str, str]:
+    """attention.png, distance.png, attention.npz (the arrays) and inspect.json into ``directory``.
+
+    ``heads=False``: the heat map shows the mean of the heads only.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     files = {
-        "heat_map": draw_heat_maps(amap, directory / "attention.png", title),
+        "heat_map": draw_heat_maps(amap, directory / "attention.png", title, heads),
         "distance": draw_distance(amap, directory / "distance.png", title),
     }
     np.savez_compressed(
@@ -391,6 +400,7 @@ def inspect_store(
     length: int | None = None,
     position_block: int | None = None,
     latent_block: int | None = None,
+    heads: bool = True,
 ) -> dict[str, Any]:
     """Draw the cross-attend weights for inputs [start, start + length) of a store's document.
 
@@ -429,7 +439,7 @@ def inspect_store(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(target, "inspect")
     try:
-        files = write_attention_maps(amap, tmp, title)
+        files = write_attention_maps(amap, tmp, title, heads)
         publish_dir(tmp, target)
     except BaseException:
         remove_temp(tmp)

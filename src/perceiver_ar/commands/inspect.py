@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .checks import NO_VERIFY_HELP, nonnegative_int, positive_int
 
@@ -37,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--latent-block", type=positive_int, help="latents per heat-map row (default: at most 512 rows)"
     )
+    p.add_argument(
+        "--mean-only",
+        action="store_true",
+        help="the heat map shows the mean of the heads only (a smaller file)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=run, must_exist={"model": ("model", "dir"), "data": ("--data", "dir")})
@@ -47,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from ..model import PerceiverAR
 
     model = PerceiverAR.from_pretrained(args.model, map_location=args.device, verify=not args.no_verify)
+    if model.provenance is None:
+        print(
+            f"note: {args.model} records no provenance (saved before provenance.json existed): "
+            "the store is checked by vocabulary size only",
+            file=sys.stderr,
+        )
     result = inspect_store(
         model,
         args.data,
@@ -57,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         length=args.length,
         position_block=args.position_block,
         latent_block=args.latent_block,
+        heads=not args.mean_only,
     )
     mass = dict(zip(result["distance_buckets"], result["distance_mass_mean"], strict=True))
     far = sum(m for label, m in mass.items() if int(label.split("-")[0]) >= 256)
