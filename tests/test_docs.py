@@ -659,6 +659,10 @@ def prepare_workspace(doc: str, fixtures: Path, work: Path) -> dict:
         model = PerceiverAR(PerceiverARConfig.from_preset("tiny", context_len=512, num_latents=32))
         model.provenance = provenance.from_store_meta(json.loads((out / "data" / "meta.json").read_text()))
         model.save_pretrained(str(out / "long"))
+        copy = PerceiverARConfig.from_preset(  # and a copy-task model (benchmarks/train_copy.py)
+            "tiny", context_len=4096, position_encoding="absolute", absolute_table="sinusoidal"
+        )
+        PerceiverAR(copy).save_pretrained(str(work / "runs" / "copy-4096"))
     if doc == "docs/modalities.md":  # an image, a MIDI file and a WAV file of the reader's
         namespace["pixels"] = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
         (work / "piece.mid").symlink_to(fixtures / "bach" / "piece0.mid")
