@@ -168,7 +168,7 @@ def predict_mb(done: list[dict], n: int, K: int) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.contexts, args.latents, args.width, args.heads, args.layers = [256, 512], 64, 32, 2, 1
+        args.contexts, args.latents, args.width, args.heads, args.layers = [256], 64, 32, 2, 1
         args.baseline_max = 256
     rows: list[dict] = []
     for n in args.contexts:
