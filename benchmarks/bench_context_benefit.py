@@ -17,7 +17,7 @@ speaker tag ``**NAME**``; a letter of a word whose previous occurrence lies
 within 256 bytes, only within 4096 bytes, or further; anything else) and
 each class's bits at C = 256 and C = 4096 are compared.
 
-    python benchmarks/bench_context_benefit.py --parallel   # 15 CPU-min each: ~80 min here, shared
+    python benchmarks/bench_context_benefit.py --parallel   # 15 CPU-min each: ~110 min here, shared
     python benchmarks/bench_context_benefit.py --quick      # seconds, smoke test
 
 The trained models land in ``--out`` (``OUT/long``, ``OUT/short``, model

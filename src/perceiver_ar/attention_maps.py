@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,7 @@ def draw_heat_maps(amap: CrossAttentionMap, path: Path, title: str = "", heads: 
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight (summed per cell)")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, 40 + 30 * (cols - 1)), fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
