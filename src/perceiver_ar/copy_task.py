@@ -10,6 +10,11 @@ the whole context.
 
 ``copy_accuracy`` scores a model with teacher forcing on the mirrored half
 (targets at event indices h+1..2h), overall and bucketed by copy distance.
+
+``centred_windows`` and ``WidthCurriculum`` are the training curriculum that
+takes the task past the plateau at long N (docs/long_context.md): train on
+windows of the N-sequence centred on the mirror point, at their absolute
+positions, and double the window when the mirror is learned at that width.
 """
 
 from __future__ import annotations
@@ -205,3 +210,93 @@ def copy_accuracy(
         buckets=buckets,
         seconds=time.perf_counter() - t0,
     )
+
+
+# ----------------------------------------------------------------------------
+# The centred-window curriculum
+# ----------------------------------------------------------------------------
+
+
+def check_window_width(length: int, width: int) -> None:
+    """Refuse a window that is not a centred slice of a copy sequence of ``length`` events."""
+    h = half_length(length)
+    if width != length and not (2 <= width <= 2 * h and width % 2 == 0):
+        raise ValueError(
+            f"a centred window of a copy sequence of {length} events needs an even width in "
+            f"[2, {2 * h}] or the whole length {length}, got {width}"
+        )
+
+
+def centred_windows(
+    num: int, length: int, width: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` windows of ``width`` events of copy sequences of ``length``, centred on the mirror point.
+
+    Returns events and their absolute positions, both [num, width] int64. A
+    window holds the last width/2 random tokens of the first half and the
+    first width/2 of the mirrored half (event indices h+1-width/2 .. h+width/2),
+    at the positions those events have in the full sequence, so what the
+    model learns at a small width is already the mirror at its final place:
+    widening the window only adds longer copy distances at new positions.
+    ``width == length`` is the whole sequence (SOS and EOS included).
+    """
+    check_window_width(length, width)
+    if width == length:
+        events = copy_sequences(num, length, rng)
+        first_index = 0
+    else:
+        half = width // 2
+        first = rng.integers(TOKEN_OFFSET, VOCAB_SIZE, size=(num, half), dtype=np.int64)
+        events = np.concatenate([first, first[:, ::-1]], axis=1)
+        first_index = half_length(length) + 1 - half
+    # Event index i sits at position i + 1 (positions are 1..N).
+    positions = np.broadcast_to(np.arange(first_index + 1, first_index + width + 1), (num, width)).copy()
+    return events, positions
+
+
+@dataclass
+class WidthCurriculum:
+    """The window width of the centred-window curriculum and its growth rule.
+
+    Starts at ``start_width`` and doubles (capped at ``length``, the whole
+    sequence) once the mean training accuracy on the mirrored targets over
+    the last ``window`` steps at the current width reaches ``grow_at``, after
+    at least ``min_steps`` steps there. Growing only on accuracy, not on a
+    step schedule, is what keeps every width short: the mirror is found
+    quickly when few inputs compete for attention, and each doubling only has
+    to extend it.
+    """
+
+    length: int
+    start_width: int = 64
+    grow_at: float = 0.97
+    window: int = 20
+    min_steps: int = 5
+    width: int = field(init=False)
+    recent: list[float] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_window_width(self.length, min(self.start_width, self.length))
+        if not 0.0 <= self.grow_at <= 1.0:
+            raise ValueError(f"grow_at is an accuracy in [0, 1], got {self.grow_at}")
+        if self.window < 1 or self.min_steps < 1:
+            raise ValueError(f"window and min_steps must be >= 1, got {self.window} and {self.min_steps}")
+        self.width = min(self.start_width, self.length)
+
+    @property
+    def done(self) -> bool:
+        """True once the window is the whole sequence."""
+        return self.width == self.length
+
+    def update(self, accuracy: float) -> bool:
+        """Record one step's training accuracy; True when the width grew."""
+        self.recent = [*self.recent, accuracy][-self.window :]
+        if self.done or len(self.recent) < min(self.window, self.min_steps):
+            return False
+        if sum(self.recent) / len(self.recent) < self.grow_at:
+            return False
+        wider = 2 * self.width
+        # The last step is the whole sequence; a window cannot hold more than 2h events.
+        self.width = self.length if wider > 2 * half_length(self.length) else wider
+        self.recent = []
+        return True
