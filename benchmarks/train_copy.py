@@ -260,6 +260,12 @@ def train(args: argparse.Namespace) -> int:
                 "grad_norm": grad_norm,
             }
         )
+        if step % 25 == 0:
+            print(
+                f"step {step:>6}  {train_seconds / 60:6.1f} min  width {width:>6} x {rows:<4} ce {ce:.4f}  "
+                f"training acc {100 * train_acc:6.2f}%",
+                flush=True,
+            )
         if curriculum and curriculum.update(train_acc):
             # Where the whole-sequence accuracy stands when a width is mastered (cheap: a few evals).
             evals.append(evaluate(step, width, ce))
@@ -301,6 +307,7 @@ def train(args: argparse.Namespace) -> int:
     save_results(name, payload)
     (out_dir / "copy_result.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(name, payload)
+    (RESULTS_DIR / f"{name}.md").write_text(markdown(payload))
     print(
         f"{step} steps; training {train_seconds:.0f} s ({train_cpu_seconds:.0f} s CPU); "
         f"wall {wall_seconds:.0f} s ({cpu_seconds:.0f} s process CPU, evaluations included); "
@@ -308,6 +315,48 @@ def train(args: argparse.Namespace) -> int:
         f"final accuracy {100 * final.accuracy:.2f}% at N={N}; model in {out_dir}"
     )
     return 0
+
+
+def markdown(payload: dict) -> str:
+    """The run as the docs show it: times and load, each window width, accuracy by copy distance."""
+    final = payload["final"]
+    load0, load1 = payload["load_average_start"], payload["load_average_end"]
+    p, machine = payload, payload["machine"]
+    lines = [
+        f"copy N = {final['length']}: **{100 * final['accuracy']:.2f}%** on the mirrored half "
+        f"({final['num_sequences']} held-out sequences, {final['total']:,} tokens) "
+        f"after {p['steps']:,} steps; "
+        f"training {p['train_seconds'] / 60:.1f} min wall ({p['train_cpu_seconds'] / 60:.1f} min CPU), "
+        f"whole run {p['wall_seconds'] / 60:.1f} min wall ({p['cpu_seconds'] / 60:.1f} min CPU) "
+        f"with the evaluations; load average (1 min) {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
+        f"{machine['threads']} thread(s), torch {machine['torch']}, {machine['time_utc']}.",
+        "",
+    ]
+    if payload["growths"]:
+        lines += [
+            "| window width | steps | rows per step | training min at the end of the width "
+            "| training accuracy, first 3 steps | held-out accuracy at N when left |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        evals_at = {e["step"]: e["accuracy"] for e in payload["evals"]}
+        log = payload["steps_log"]
+        for width in dict.fromkeys(e["width"] for e in log):
+            seg = [e for e in log if e["width"] == width]
+            first = sum(e["accuracy"] for e in seg[:3]) / min(3, len(seg))
+            left = evals_at.get(seg[-1]["step"]) if width != final["length"] else final["accuracy"]
+            left_s = "-" if left is None else f"{100 * left:.2f}%"
+            lines.append(
+                f"| {width:,} | {len(seg)} | {seg[0]['rows']} | {seg[-1]['train_seconds'] / 60:.1f} "
+                f"| {100 * first:.1f}% | {left_s} |"
+            )
+        lines.append("")
+    lines += ["| copy distance | accuracy | tokens |", "|---:|---:|---:|"]
+    for b in final["buckets"]:
+        lines.append(
+            f"| {int(b['lo']):,}-{int(b['hi']):,} | {100 * b['accuracy']:.2f}% | {int(b['total']):,} |"
+        )
+    lines.append(f"| **all** | **{100 * final['accuracy']:.2f}%** | {final['total']:,} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(name: str, payload: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import torch
 
 from perceiver_ar.config import PerceiverARConfig
 from perceiver_ar.copy_task import (
+    WidthCurriculum,
+    centred_windows,
     copy_accuracy,
     copy_distance,
     copy_sequences,
@@ -191,6 +194,59 @@ def test_training_crops_are_prefixes():
         assert torch.equal(crop[:n], row[:n]) and (crop[n:] == PAD_ID).all()
 
 
+@pytest.mark.parametrize("width", [2, 8, 18])
+def test_centred_windows_are_slices_of_copy_sequences_at_their_positions(width):
+    N = 20
+    h = half_length(N)
+    events, positions = centred_windows(7, N, width, np.random.default_rng(3))
+    assert events.shape == positions.shape == (7, width) and events.dtype == positions.dtype == np.int64
+    half = width // 2
+    first = h + 1 - half  # event index of the window's first event
+    for row, pos in zip(events, positions, strict=True):
+        # Put the window's random half where it belongs in a full sequence: the slice is the window.
+        full = copy_sequences(1, N, np.random.default_rng(9))[0]
+        full[first : h + 1] = row[:half]
+        full[h + 1 : 2 * h + 1] = full[1 : h + 1][::-1]
+        assert np.array_equal(full[first : first + width], row)
+        assert np.array_equal(pos, np.arange(first, first + width) + 1)  # event index i sits at position i+1
+        assert row.min() >= 3 and row.max() <= 258
+    # A training batch of a window: the last width/2 latents predict mirrored tokens whose source is visible.
+    inputs, targets = events[:, :-1], events[:, 1:]
+    for j in range(half - 1, width - 1):  # latent on input index j predicts event j + 1
+        source = width - 1 - (j + 1)
+        assert source <= j and np.array_equal(targets[:, j], inputs[:, source])
+
+
+def test_centred_window_of_the_whole_length_is_the_official_sequence():
+    events, positions = centred_windows(3, 20, 20, np.random.default_rng(5))
+    assert np.array_equal(events, copy_sequences(3, 20, np.random.default_rng(5)))
+    assert np.array_equal(positions, np.broadcast_to(np.arange(1, 21), (3, 20)))
+    assert len(np.unique(centred_windows(2000, 600, 8, np.random.default_rng(0))[0])) == 256  # every byte
+    for width in (0, 7, 19, 22):
+        with pytest.raises(ValueError, match="centred window"):
+            centred_windows(1, 20, width, np.random.default_rng(0))
+
+
+def test_width_curriculum_doubles_on_running_accuracy_up_to_the_whole_sequence():
+    cur = WidthCurriculum(100, start_width=16, grow_at=0.9, window=4, min_steps=3)
+    assert cur.width == 16 and not cur.done
+    assert not cur.update(1.0) and not cur.update(1.0)  # fewer than min_steps at this width
+    assert cur.update(1.0) and cur.width == 32 and cur.recent == []
+    for acc in (0.5, 1.0, 1.0):
+        assert not cur.update(acc)  # mean of the last 3 is 0.83
+    assert cur.update(1.0) is False  # last 4: 0.875
+    assert cur.update(1.0) and cur.width == 64  # last 4: 1.0
+    for _ in range(3):
+        grew = cur.update(0.95)
+    assert grew and cur.width == 100 and cur.done  # 128 > 2h = 98: the whole sequence comes next
+    assert not any(cur.update(1.0) for _ in range(10)) and cur.width == 100
+    assert WidthCurriculum(20, start_width=64).width == 20  # a start wider than N is the whole sequence
+    with pytest.raises(ValueError, match="centred window"):
+        WidthCurriculum(100, start_width=15)
+    with pytest.raises(ValueError, match="grow_at"):
+        WidthCurriculum(100, grow_at=1.5)
+
+
 def test_copy_store_and_cli(tmp_path):
     out = write_copy_store(tmp_path / "copy", length=16, num_train=5, num_validation=3, seed=4)
     store = TokenStore(out)
@@ -318,3 +374,27 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
+
+
+def test_train_copy_curriculum_quick_run_reports_times_load_and_growth(tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PERCEIVER_AR_BENCH_RESULTS=str(tmp_path))
+    script = str(BENCH / "train_copy.py")
+    args = [sys.executable, script, "--quick", "--curriculum", "centre", "--out", str(tmp_path / "m")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "train_copy_quick.json").read_text())
+    assert (tmp_path / "train_copy_quick.png").is_file() and (tmp_path / "m" / "copy_result.json").is_file()
+    summary = (tmp_path / "train_copy_quick.md").read_text()
+    assert "| 16 | 5 | 8 |" in summary and "| 32-61 |" in summary and "load average" in summary
+    # --quick grows every 5 steps: windows 16 and 32 of N = 64, then whole sequences.
+    assert [g["width"] for g in r["growths"]] == [16, 32] and [g["step"] for g in r["growths"]] == [5, 10]
+    assert [e["width"] for e in r["steps_log"]] == [16] * 5 + [32] * 5 + [64] * 2
+    # 64 targets a step: 8 rows of 8 latents, 4 of 16, 2 of 32.
+    assert [e["rows"] for e in r["steps_log"]] == [8] * 5 + [4] * 5 + [2] * 2
+    assert [e["step"] for e in r["evals"]] == [5, 10, 12]  # at each growth, then at the last step
+    assert r["final"]["length"] == 64 and sum(b["total"] for b in r["final"]["buckets"]) == 4 * 31
+    assert 0 < r["train_seconds"] <= r["wall_seconds"] and r["cpu_seconds"] > 0
+    assert len(r["load_average_start"]) == len(r["load_average_end"]) == 3
+    # A setting that cannot run: one line, exit 2.
+    bad = subprocess.run([sys.executable, script, "--length", "101"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "even length" in bad.stderr and "Traceback" not in bad.stderr
