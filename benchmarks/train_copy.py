@@ -335,7 +335,7 @@ def markdown(payload: dict) -> str:
     if payload["growths"]:
         lines += [
             "| window width | steps | rows per step | training min at the end of the width "
-            "| training accuracy, first 3 steps | held-out accuracy at N when left |",
+            "| training accuracy, first 3 steps | held-out accuracy at N at the end |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
         evals_at = {e["step"]: e["accuracy"] for e in payload["evals"]}
@@ -362,7 +362,7 @@ def markdown(payload: dict) -> str:
 def plot(name: str, payload: dict) -> None:
     """Learning curve (training accuracy at each width, held-out accuracy at N) and accuracy by distance."""
     N = payload["config"]["context_len"]
-    fig, (ax1, ax2) = new_figure(ncols=2, figsize=(11, 4))
+    fig, (ax1, ax2) = new_figure(ncols=2, figsize=(11, 4.4))
     log = payload["steps_log"]
     if log:
         acc = [100 * e["accuracy"] for e in log]
@@ -391,7 +391,7 @@ def plot(name: str, payload: dict) -> None:
     ax1.set_ylabel("mirrored-half accuracy (%)")
     ax1.set_ylim(0, 101)
     ax1.set_title(f"copy N={N}: {payload['train_seconds'] / 60:.1f} min of training")
-    ax1.legend(fontsize=7, loc="center right")
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ax1.grid(alpha=0.3)
     buckets = payload["final"]["buckets"]
     labels = [f"{int(b['lo'])}-{int(b['hi'])}" for b in buckets]
@@ -399,7 +399,8 @@ def plot(name: str, payload: dict) -> None:
     ax2.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
     ax2.set_xlabel("copy distance")
     ax2.set_ylabel("accuracy (%)")
-    ax2.set_ylim(0, 100)
+    lowest = min((100 * b["accuracy"] for b in buckets), default=0.0)
+    ax2.set_ylim(0 if lowest < 50 else 10 * int(lowest // 10) - 10, 100)  # zoom in on a good run
     ax2.set_title(
         f"after {payload['steps']} steps: {100 * payload['final']['accuracy']:.2f}% "
         f"({payload['final']['num_sequences']} sequences)"
