@@ -1,4 +1,4 @@
-"""This library against the public PyTorch ports, at the same sizes, on this CPU.
+"""This library against the public PyTorch ports, at the same sizes, on this CPU: training and decoding.
 
 Ports (PyPI, installed only into ``benchmarks/.env-ports`` by
 ``benchmarks/setup_ports.sh``, never dependencies of perceiver-ar):
@@ -13,60 +13,107 @@ Ports (PyPI, installed only into ``benchmarks/.env-ports`` by
   prefix; this library's cross-attend dropout is also off here).
 
 Every model: vocabulary 259, N inputs, M latents, width D = E, H heads,
-L self-attention layers after one cross-attend, MLP 4x, fp32, batch B of
-random full rows. Each case (implementation, size) runs in a fresh process
-and the implementations alternate within each round. Per case: forward
-latency (eval mode, no grad), then training steps (forward, cross-entropy
-on the M targets, backward, AdamW); training tokens/s counts the B x N
-input tokens of a step; peak memory is the process's peak RSS.
+L self-attention layers after one cross-attend, MLP 4x, fp32.
 
-    benchmarks/setup_ports.sh                   # once: builds benchmarks/.env-ports
-    python benchmarks/bench_ports.py            # both sizes, 3 rounds (~20 min here)
-    python benchmarks/bench_ports.py --quick    # this library only, seconds (smoke test)
+Training (``--modes train``): batch B of random full rows; per case the
+forward latency (eval mode, no grad), then training steps (forward,
+cross-entropy on the M targets, backward, and the same AdamW for every
+implementation); tokens/s counts the B x N input tokens of a step. Small
+models run blocks of steps lasting at least ``--min-block`` seconds.
+
+Greedy decoding (``--modes decode``), batch 1, each implementation through
+its own generation path: this library's ``generate`` (cached: prime, then one
+latent per token); perceiver-io's backend driven with its ``kv_cache`` exactly
+as its Hugging Face generation helper drives it (first call with the whole
+prompt and the fewest latents its ``max_prefix_len`` allows, then one token a
+call, latent and cross-attend caches truncated as the helper does; the helper
+itself needs ``transformers``, which the port environment leaves out);
+perceiver-ar-pytorch's own ``AutoregressiveWrapper.generate`` (it has no cache:
+every token is a full forward, so only its first ``--uncached-tokens`` tokens
+are timed, each costing the same). Prefill (prompt to first token) and decode
+(every later token) are timed separately. For this library the table also
+gives the bytes a cached step must read (every weight once, the cross-attend
+and latent caches once), the GB/s that makes, and the machine's memory
+bandwidth, measured as a large fp32 matrix-vector product in its own process
+before and after the cases.
+
+Each (implementation, size) runs in a fresh process, the implementations
+alternate within each of ``--rounds`` rounds, and the table gives medians
+over the rounds (the JSON keeps every run). The load average is printed at
+the start and the end.
+
+    benchmarks/setup_ports.sh                                  # once: builds benchmarks/.env-ports
+    python benchmarks/bench_ports.py                           # every size, 3 rounds (~60 min here)
+    python benchmarks/bench_ports.py --modes decode --decode-sizes 1
+    python benchmarks/bench_ports.py --extra-src before=/tmp/before/src   # a second tree side by side
+    python benchmarks/bench_ports.py --quick                   # this library only, seconds (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from common import (
     BENCH_DIR,
+    LoadWatch,
     case_argument,
     format_table,
     machine_info,
     markdown_table,
+    matvec_bandwidth,
     median,
+    median_of,
     new_figure,
+    ok_runs,
     report_case,
     run_case,
+    run_rounds,
     save_figure,
     save_results,
     set_threads,
-    timed,
+    timed_blocks,
 )
 
 PORTS_PYTHON = BENCH_DIR / ".env-ports" / "bin" / "python"
+THIS = "perceiver-ar (this)"
 IMPLS = {
-    "perceiver-ar (this)": "ours",
+    THIS: "ours",
     "perceiver-ar-pytorch 0.0.10": "lucidrains",
     "perceiver-io 0.11": "krasserm",
 }
+VOCAB = 259
 
-SIZES = [
+TRAIN_SIZES = [
     # N, M, D, heads, L, batch
+    dict(N=256, M=64, D=64, heads=2, L=2, batch=2),
+    dict(N=1024, M=256, D=256, heads=4, L=4, batch=4),
     dict(N=4096, M=512, D=512, heads=8, L=6, batch=2),
     dict(N=16384, M=1024, D=512, heads=8, L=6, batch=1),
 ]
+DECODE_SIZES = [
+    # prompt: perceiver-ar-pytorch needs more than N - M prompt tokens (its prefix is fixed at N - M)
+    dict(N=1024, M=256, D=256, heads=4, L=4, prompt=769, new=255),
+    dict(N=4096, M=512, D=512, heads=8, L=6, prompt=3840, new=256),
+    dict(N=16384, M=1024, D=512, heads=8, L=6, prompt=16352, new=32),
+]
+QUICK_TRAIN = [dict(N=128, M=32, D=128, heads=2, L=1, batch=2)]  # dim_head 64: lucidrains' rotary needs >= 32
+QUICK_DECODE = [dict(N=128, M=32, D=128, heads=2, L=1, prompt=100, new=12)]
+
+
+# ----------------------------------------------------------------------------
+# The three implementations
+# ----------------------------------------------------------------------------
 
 
 def build(impl: str, s: dict):
-    """The model and a function (model, tokens [B, N]) -> training loss."""
+    """The model and functions (model, tokens [B, N]) -> training loss, -> logits."""
     import torch
     import torch.nn.functional as F
 
-    N, M, D, H, L, V = s["N"], s["M"], s["D"], s["heads"], s["L"], 259
+    N, M, D, H, L, V = s["N"], s["M"], s["D"], s["heads"], s["L"], VOCAB
     if impl == "ours":
         from perceiver_ar.config import PerceiverARConfig
         from perceiver_ar.loss import perceiver_ar_loss
@@ -82,6 +129,8 @@ def build(impl: str, s: dict):
                 num_latent_layers=L,
                 cross_attend_heads=H,
                 latent_heads=H,
+                # The zero-initialised logits layer would make every greedy draw the same id.
+                final_layer_init_zeros=False,
             )
         )
 
@@ -141,7 +190,58 @@ def build(impl: str, s: dict):
     return model, loss_fn, forward
 
 
-def run_one(case: dict) -> dict:
+def krasserm_greedy(model, prompt, new_tokens: int) -> tuple[list[int], float, float]:
+    """perceiver-io's cached greedy loop, as its ``PerceiverCausalSequenceModel.generate`` drives the backend.
+
+    Returns (tokens, prefill seconds, decode seconds). The logic follows
+    ``prepare_inputs_for_generation``: the prompt is primed with the fewest
+    latents ``max_prefix_len`` allows (at least 1); each later call feeds the
+    newest token with the caches; once the latents would exceed ``max_latents``
+    the prefix grows by one and the self-attention caches keep their last
+    ``max_latents - 1`` entries; past ``max_seq_len`` the cross-attention cache
+    keeps its last ``max_seq_len - 1``.
+    """
+    import torch
+
+    backend = model
+    seq_len = prompt.shape[1]
+    num_latents = max(1, seq_len - backend.max_prefix_len)
+    prefix_len = seq_len - num_latents  # the helper's prefix_len; each call starts from it
+    keep_latents, keep_inputs = backend.max_latents - 1, backend.max_seq_len - 1
+    tokens = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = backend(prompt, prefix_len=prefix_len, kv_cache=[])
+        cache = out.kv_cache
+        token = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        tokens.append(token)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            input_len = cache[0][0].shape[1] + 1  # as the helper counts it with a cache
+            call_prefix = prefix_len
+            too_many_latents = input_len - prefix_len > backend.max_latents
+            if too_many_latents and prefix_len < backend.max_prefix_len:
+                call_prefix += 1
+            if too_many_latents:
+                ca, *sa = cache
+                cache = [ca] + [(k[:, -keep_latents:], v[:, -keep_latents:]) for k, v in sa]
+            if input_len > backend.max_seq_len:
+                (k, v), *sa = cache
+                cache = [(k[:, -keep_inputs:], v[:, -keep_inputs:]), *sa]
+            out = backend(token, prefix_len=call_prefix, kv_cache=cache)
+            cache = out.kv_cache
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        t2 = time.perf_counter()
+    return [int(t) for t in torch.cat(tokens, 1)[0]], t1 - t0, t2 - t1
+
+
+# ----------------------------------------------------------------------------
+# One case, in its own process
+# ----------------------------------------------------------------------------
+
+
+def run_train(case: dict) -> dict:
     import torch
 
     threads = set_threads(case["threads"])
@@ -149,13 +249,14 @@ def run_one(case: dict) -> dict:
     torch.manual_seed(0)
     model, loss_fn, forward = build(case["impl"], s)
     g = torch.Generator().manual_seed(0)
-    events = torch.randint(3, 259, (s["batch"], s["N"] + 1), generator=g)
+    events = torch.randint(3, VOCAB, (s["batch"], s["N"] + 1), generator=g)
     x, y = events[:, :-1], events[:, 1:]
 
     model.eval()
     with torch.no_grad():
-        fwd_times = timed(lambda: forward(model, x), repeats=case["repeats"], warmup=1)
+        fwd_times, _ = timed_blocks(lambda: forward(model, x), case["repeats"], case["min_block"])
     model.train()
+    # The same optimizer for every implementation: it is not part of any model.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 
     def step() -> None:
@@ -164,7 +265,7 @@ def run_one(case: dict) -> dict:
         loss.backward()
         opt.step()
 
-    step_times = timed(step, repeats=case["repeats"], warmup=1)
+    step_times, block = timed_blocks(step, case["repeats"], case["min_block"])
     step_s = median(step_times)
     return {
         "forward_s": median(fwd_times),
@@ -172,21 +273,133 @@ def run_one(case: dict) -> dict:
         "tokens_per_s": s["batch"] * s["N"] / step_s,
         "step_times": step_times,
         "forward_times": fwd_times,
+        "steps_per_block": block,
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "threads": threads,
         "torch": torch.__version__,
     }
 
 
+def run_decode(case: dict) -> dict:
+    import torch
+
+    threads = set_threads(case["threads"])
+    s = case["size"]
+    torch.manual_seed(0)
+    model, _, _ = build(case["impl"], s)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, VOCAB, (1, s["prompt"]), generator=g)
+    new = s["new"]
+    result: dict = {"threads": threads, "torch": torch.__version__}
+    if case["impl"] == "ours":
+        from perceiver_ar.generate import generate
+
+        kw = {"compile": True} if case.get("compile") else {}
+        t0 = time.perf_counter()
+        generate(model, prompt, min(new, 8), temperature=0, **kw)  # warm-up (and compilation)
+        result["warmup_s"] = time.perf_counter() - t0
+        runs = [generate(model, prompt, new, temperature=0, **kw) for _ in range(case["repeats"])]
+        result.update(
+            prefill_s=[r.prefill_seconds for r in runs],
+            decode_s=[r.decode_seconds for r in runs],
+            decoded=new - 1,
+            tokens=runs[-1].tokens[0].tolist(),
+        )
+        result.update(decode_bytes_per_token(model, s["prompt"], new))
+    elif case["impl"] == "krasserm":
+        krasserm_greedy(model, prompt, min(new, 8))  # warm-up
+        runs = [krasserm_greedy(model, prompt, new) for _ in range(case["repeats"])]
+        result.update(
+            prefill_s=[r[1] for r in runs], decode_s=[r[2] for r in runs], decoded=new - 1, tokens=runs[-1][0]
+        )
+    else:  # lucidrains: no cache, every token a full forward of N - M prefix inputs and the latents
+        from perceiver_ar_pytorch.autoregressive_wrapper import AutoregressiveWrapper
+
+        wrapper = AutoregressiveWrapper(model)
+        k = min(new, case["uncached_tokens"])
+        # filter_thres keeps the int((1 - thres) * V) = 1 most likely id: greedy.
+        greedy = dict(temperature=1.0, filter_thres=1.0 - 1.5 / VOCAB)
+        wrapper.generate(prompt, 2, **greedy)  # warm-up
+        prefill, decode = [], []
+        for _ in range(case["repeats"]):
+            t0 = time.perf_counter()
+            wrapper.generate(prompt, 1, **greedy)
+            t1 = time.perf_counter()
+            out = wrapper.generate(prompt, k, **greedy)
+            t2 = time.perf_counter()
+            prefill.append(t1 - t0)
+            decode.append((t2 - t1) - (t1 - t0))  # the k - 1 tokens after the first
+        result.update(prefill_s=prefill, decode_s=decode, decoded=k - 1, tokens=out[0].tolist())
+    result["decode_tok_s"] = [result["decoded"] / d for d in result["decode_s"]]
+    return result
+
+
+def decode_bytes_per_token(model, prompt_len: int, new_tokens: int, batch: int = 1) -> dict:
+    """Bytes a cached decode step must read, averaged over the steps after the first token.
+
+    Every weight once (of the embedding tables only the rows of the new token),
+    the keys and values of the cross-attend cache once (the whole window) and
+    of each latent layer's cache once (the latents so far). Steps that reset
+    the latent caches recompute a block instead; they are counted like a step.
+    """
+    cfg = model.config
+    size = next(model.parameters()).element_size()
+    embeddings = {id(p) for m in [model.tok_embeddings, *model.pos_embeddings] for p in m.parameters()}
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    weights += cfg.input_dim * (1 + len(model.pos_embeddings))  # one row per table
+    N, M, E, D, L = cfg.context_len, cfg.num_latents, cfg.input_dim, cfg.latent_dim, cfg.num_latent_layers
+    total, latents, steps = 0, 1, 0
+    for i in range(1, new_tokens):
+        latents = max(M // 2, 1) if latents >= M else latents + 1
+        window = min(N, prompt_len + i)
+        total += weights + 2 * E * window * batch + L * 2 * D * latents * batch
+        steps += 1
+    per_token = total * size / max(steps, 1)
+    return {"bytes_per_token": per_token, "weight_bytes": weights * size}
+
+
+def run_bandwidth(case: dict) -> dict:
+    threads = set_threads(case["threads"])
+    return {**matvec_bandwidth(case["size"], case["repeats"]), "threads": threads}
+
+
+def run_one(case: dict) -> dict:
+    return {"train": run_train, "decode": run_decode, "bandwidth": run_bandwidth}[case["mode"]](case)
+
+
+# ----------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (importable: tests/test_docs.py checks documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny size, this library only (smoke test)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, this library only (smoke test)")
+    p.add_argument("--modes", nargs="+", choices=["train", "decode"], default=["train", "decode"])
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of fresh processes per size")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per process (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps or generations per process")
     p.add_argument(
-        "--sizes", type=int, nargs="+", default=None, help="indices into the size list (default all)"
+        "--train-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="indices into the training sizes (default all)",
     )
+    p.add_argument(
+        "--decode-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="indices into the decoding sizes (default all)",
+    )
+    p.add_argument("--min-block", type=float, default=0.5, help="seconds a timed block of small steps lasts")
+    p.add_argument(
+        "--uncached-tokens", type=int, default=8, help="tokens timed for perceiver-ar-pytorch (no cache)"
+    )
+    p.add_argument("--compile", action="store_true", help="also decode with generate(..., compile=True)")
+    p.add_argument("--bandwidth-size", type=int, default=8192, help="the matrix side of the bandwidth probe")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--with-ports", action="store_true", help="in --quick mode, run the ports too")
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -194,137 +407,271 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-src",
         default=None,
         metavar="LABEL=DIR",
-        help="also measure this library from another source tree, e.g. 'patched=/tmp/tree/src'",
+        help="also measure this library from another source tree, e.g. 'before=/tmp/tree/src'",
     )
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    sizes = [SIZES[i] for i in args.sizes] if args.sizes else SIZES
+def implementations(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """Names -> implementation kind, and names -> source tree (for another tree of this library)."""
     impls = dict(IMPLS)
-    if args.quick:
-        sizes = [
-            dict(N=128, M=32, D=128, heads=2, L=1, batch=2)
-        ]  # dim_head 64: the lucidrains rotary needs >= 32
-        args.rounds, args.repeats = 1, 1
-        if not args.with_ports:
-            impls = {k: v for k, v in impls.items() if v == "ours"}
+    if args.quick and not args.with_ports:
+        impls = {THIS: "ours"}
     sources = {}
     if args.extra_src:
         label, _, src_dir = args.extra_src.partition("=")
         impls[f"perceiver-ar ({label})"] = "ours"
         sources[f"perceiver-ar ({label})"] = str(Path(src_dir).resolve())
-    ports_ready = Path(PORTS_PYTHON).exists()
-    if not ports_ready:
-        missing = [k for k, v in impls.items() if v != "ours"]
-        if missing:
+    if not PORTS_PYTHON.exists():
+        if any(v != "ours" for v in impls.values()):
             print(
                 f"{PORTS_PYTHON} not found: run benchmarks/setup_ports.sh first; measuring this library only"
             )
         impls = {k: v for k, v in impls.items() if v == "ours"}
+    return impls, sources
 
+
+def train_rows(args, impls, sources, sizes) -> list[dict]:
     rows = []
     for s in sizes:
-        results: dict[str, list[dict]] = {name: [] for name in impls}
-        names = list(impls)
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-            for name in order:
-                impl = impls[name]
-                python = sys.executable if impl == "ours" else str(PORTS_PYTHON)
-                case = {"impl": impl, "size": s, "repeats": args.repeats, "threads": args.threads}
-                inline = run_one if (args.quick and impl == "ours" and name not in sources) else None
-                res = run_case(
-                    __file__, case, python=python, timeout=args.timeout, inline=inline, src=sources.get(name)
-                )
-                results[name].append(res)
-                msg = res.get("error") or (
-                    f"{res['tokens_per_s']:.0f} tok/s, step {res['step_s']:.2f} s, "
-                    f"fwd {res['forward_s']:.2f} s, {res['peak_rss_mb'] / 1024:.2f} GB"
-                )
-                print(f"N={s['N']} M={s['M']} round {r + 1} {name}: {msg}", flush=True)
-        for name, runs in results.items():
-            ok = [x for x in runs if "error" not in x]
-            row = {"impl": name, **{k: s[k] for k in ("N", "M", "D", "heads", "L", "batch")}}
+        cases = {
+            name: {
+                "mode": "train",
+                "impl": impl,
+                "size": s,
+                "repeats": args.repeats,
+                "threads": args.threads,
+                "min_block": 0.0 if args.quick else args.min_block,
+            }
+            for name, impl in impls.items()
+        }
+        print(f"\ntraining N={s['N']} M={s['M']} D={s['D']} L={s['L']} B={s['batch']}", flush=True)
+        runs = run_rounds(
+            __file__,
+            cases,
+            args.rounds,
+            python=lambda n: sys.executable if impls[n] == "ours" else str(PORTS_PYTHON),
+            src=sources.get,
+            inline=lambda n: run_one if args.quick and impls[n] == "ours" and n not in sources else None,
+            timeout=args.timeout,
+            describe=lambda n, r: f"{r['tokens_per_s']:.0f} tok/s, step {r['step_s'] * 1e3:.1f} ms",
+        )
+        group = []
+        for name, rs in runs.items():
+            ok = ok_runs(rs)
+            row = {"mode": "train", "impl": name, **{k: s[k] for k in ("N", "M", "D", "heads", "L", "batch")}}
+            row["runs"] = rs
             if not ok:
-                row["note"] = runs[0]["error"] if runs else "not run"
+                row["note"] = rs[0]["error"] if rs else "not run"
             else:
                 row.update(
-                    tokens_per_s=median([x["tokens_per_s"] for x in ok]),
-                    # Other jobs on a shared machine only ever add time: the fastest
-                    # step of all rounds estimates what the code itself costs.
-                    best_tokens_per_s=s["batch"] * s["N"] / min(t for x in ok for t in x["step_times"]),
-                    step_s=median([x["step_s"] for x in ok]),
-                    forward_s=median([x["forward_s"] for x in ok]),
-                    peak_gb=median([x["peak_rss_mb"] for x in ok]) / 1024,
+                    tokens_per_s=median_of(ok, "tokens_per_s"),
+                    step_s=median_of(ok, "step_s"),
+                    forward_s=median_of(ok, "forward_s"),
+                    peak_gb=median_of(ok, "peak_rss_mb") / 1024,
                     params=ok[0]["params"],
-                    runs=ok,
                 )
-            rows.append(row)
-        ours = next(r for r in rows[-len(results) :] if r["impl"].startswith("perceiver-ar (this)"))
-        for row in rows[-len(results) :]:
-            if "tokens_per_s" in row and "tokens_per_s" in ours:
-                row["ours_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
-                row["ours_best_speedup"] = ours["best_tokens_per_s"] / row["best_tokens_per_s"]
+            group.append(row)
+        add_ratios(group, "tokens_per_s")
+        rows += group
+    return rows
 
+
+def decode_rows(args, impls, sources, sizes) -> list[dict]:
+    rows = []
+    names = dict(impls)
+    if args.compile:
+        names[f"{THIS}, compiled"] = "ours"
+    for s in sizes:
+        cases = {}
+        for name, impl in names.items():
+            cases[name] = {
+                "mode": "decode",
+                "impl": impl,
+                "size": s,
+                "repeats": 1 if args.quick else args.repeats,
+                "threads": args.threads,
+                "uncached_tokens": args.uncached_tokens,
+                "compile": name.endswith("compiled"),
+            }
+        print(f"\ndecoding N={s['N']} M={s['M']} prompt {s['prompt']}, {s['new']} new tokens", flush=True)
+        runs = run_rounds(
+            __file__,
+            cases,
+            args.rounds,
+            python=lambda n: sys.executable if names[n] == "ours" else str(PORTS_PYTHON),
+            src=sources.get,
+            inline=lambda n: run_one if args.quick and names[n] == "ours" and n not in sources else None,
+            timeout=args.timeout,
+            describe=lambda n, r: (
+                f"prefill {median(r['prefill_s']):.3f} s, decode {median(r['decode_tok_s']):.1f} tok/s"
+            ),
+        )
+        group = []
+        for name, rs in runs.items():
+            ok = ok_runs(rs)
+            row = {"mode": "decode", "impl": name, **{k: s[k] for k in ("N", "M", "D", "L", "prompt", "new")}}
+            row["runs"] = rs
+            if not ok:
+                row["note"] = rs[0]["error"] if rs else "not run"
+                group.append(row)
+                continue
+            # Per run: the median of its repeats; then the median over the fresh-process runs.
+            prefill = median([median(r["prefill_s"]) for r in ok])
+            decode_tok_s = median([median(r["decode_tok_s"]) for r in ok])
+            row.update(prefill_s=prefill, decode_tok_s=decode_tok_s, decoded=ok[0]["decoded"])
+            # The whole generation of `new` tokens: prefill, then new - 1 decoded tokens.
+            row["total_tok_s"] = s["new"] / (prefill + (s["new"] - 1) / decode_tok_s)
+            if "bytes_per_token" in ok[0]:
+                row["mb_per_token"] = ok[0]["bytes_per_token"] / 1e6
+                row["achieved_gb_s"] = ok[0]["bytes_per_token"] * decode_tok_s / 1e9
+            group.append(row)
+        add_ratios(group, "decode_tok_s")
+        for row in group:
+            ref = next(r for r in group if r["impl"] == THIS)
+            if "total_tok_s" in row and "total_tok_s" in ref:
+                row["ours_total_speedup"] = ref["total_tok_s"] / row["total_tok_s"]
+        rows += group
+    return rows
+
+
+def add_ratios(group: list[dict], key: str) -> None:
+    """This library's rate over each row's, from the medians (>1: this library is faster)."""
+    ours = next((r for r in group if r["impl"] == THIS), None)
+    for row in group:
+        if ours and key in ours and key in row:
+            row["ours_speedup"] = ours[key] / row[key]
+
+
+def bandwidth(args) -> dict:
+    case = {"mode": "bandwidth", "size": args.bandwidth_size, "repeats": 10, "threads": args.threads}
+    r = run_case(__file__, case, inline=run_one if args.quick else None)
+    if "error" not in r:
+        print(
+            f"memory bandwidth (fp32 {args.bandwidth_size}^2 matrix-vector): {r['gb_per_s']:.1f} GB/s",
+            flush=True,
+        )
+    return r
+
+
+TRAIN_COLS = [
+    ("impl", "implementation", ""),
+    ("N", "N", ""),
+    ("M", "M", ""),
+    ("D", "D", ""),
+    ("L", "L", ""),
+    ("batch", "B", ""),
+    ("params", "params", ","),
+    ("tokens_per_s", "train tokens/s", ".0f"),
+    ("step_s", "s/step", ".4f"),
+    ("forward_s", "forward s", ".4f"),
+    ("peak_gb", "peak RSS GB", ".2f"),
+    ("ours_speedup", "this lib's speed-up", ".2f"),
+    ("note", "note", ""),
+]
+DECODE_COLS = [
+    ("impl", "implementation", ""),
+    ("N", "N", ""),
+    ("M", "M", ""),
+    ("prompt", "prompt", ""),
+    ("new", "new", ""),
+    ("prefill_s", "prefill s", ".3f"),
+    ("decode_tok_s", "decode tokens/s", ".1f"),
+    ("total_tok_s", "tokens/s incl. prefill", ".1f"),
+    ("ours_speedup", "this lib's decode speed-up", ".2f"),
+    ("ours_total_speedup", "(incl. prefill)", ".2f"),
+    ("mb_per_token", "MB read/token", ".1f"),
+    ("achieved_gb_s", "GB/s", ".1f"),
+    ("of_bandwidth", "of bandwidth", ".0%"),
+    ("note", "note", ""),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    train_sizes = [TRAIN_SIZES[i] for i in args.train_sizes] if args.train_sizes else TRAIN_SIZES
+    decode_sizes = [DECODE_SIZES[i] for i in args.decode_sizes] if args.decode_sizes else DECODE_SIZES
+    if args.quick:
+        train_sizes, decode_sizes = QUICK_TRAIN, QUICK_DECODE
+        args.rounds, args.repeats, args.bandwidth_size = 1, 1, 512
+    impls, sources = implementations(args)
+    watch = LoadWatch("bench_ports")
     info = machine_info(args.threads)
-    cols = [
-        ("impl", "implementation", ""),
-        ("N", "N", ""),
-        ("M", "M", ""),
-        ("batch", "B", ""),
-        ("params", "params", ","),
-        ("tokens_per_s", "train tokens/s", ".0f"),
-        ("best_tokens_per_s", "best tokens/s", ".0f"),
-        ("step_s", "s/step", ".2f"),
-        ("forward_s", "forward s", ".3f"),
-        ("peak_gb", "peak RSS GB", ".2f"),
-        ("ours_speedup", "this lib's speed-up (medians)", ".2f"),
-        ("ours_best_speedup", "(best)", ".2f"),
-        ("note", "note", ""),
-    ]
-    print(
-        f"\nD={sizes[0]['D']}, {sizes[0]['heads']} heads, L={sizes[0]['L']}, vocab 259, MLP 4x; medians of "
-        f"{args.rounds} alternating rounds x {args.repeats} steps; {info['threads']} threads, "
-        f"torch {info['torch']}"
+    bw = [bandwidth(args)] if "decode" in args.modes else []
+    train = train_rows(args, impls, sources, train_sizes) if "train" in args.modes else []
+    decode = decode_rows(args, impls, sources, decode_sizes) if "decode" in args.modes else []
+    if bw:
+        bw.append(bandwidth(args))
+    bw_ok = [r["gb_per_s"] for r in bw if "error" not in r]
+    bandwidth_gb_s = median(bw_ok) if bw_ok else None
+    for row in decode:
+        if bandwidth_gb_s and "achieved_gb_s" in row:
+            row["of_bandwidth"] = row["achieved_gb_s"] / bandwidth_gb_s
+    load = watch.finish()
+
+    head = (
+        f"vocab {VOCAB}, MLP 4x, fp32; medians of {args.rounds} alternating rounds of fresh processes; "
+        f"{info['threads']} threads, torch {info['torch']}; load average {load['load_average_start']} -> "
+        f"{load['load_average_end']}"
     )
-    print(format_table(rows, cols))
+    if train:
+        print(f"\nTraining ({head})")
+        print(format_table(train, TRAIN_COLS))
+    if decode:
+        bw_text = f"{bandwidth_gb_s:.1f} GB/s" if bandwidth_gb_s else "not measured"
+        print(f"\nGreedy decoding, batch 1 (memory bandwidth {bw_text}; {head})")
+        print(format_table(decode, DECODE_COLS))
     name = "bench_ports_quick" if args.quick else "bench_ports"
     save_results(
-        name, {"machine": info, "args": vars(args), "rows": rows, "markdown": markdown_table(rows, cols)}
+        name,
+        {
+            "machine": info,
+            **load,
+            "args": vars(args),
+            "bandwidth": bw,
+            "bandwidth_gb_s": bandwidth_gb_s,
+            "train_rows": train,
+            "decode_rows": decode,
+            "markdown_train": markdown_table(train, TRAIN_COLS),
+            "markdown_decode": markdown_table(decode, DECODE_COLS),
+        },
     )
+    plot(name, train, decode)
+    return 0
 
-    fig, axes = new_figure(ncols=3, figsize=(13, 4))
-    names = list(impls)
-    width = 0.8 / len(names)
-    for ax, key, label in zip(
-        axes,
-        ("tokens_per_s", "forward_s", "peak_gb"),
-        ("training tokens/s (higher is better)", "forward latency (s)", "peak RSS (GB)"),
-        strict=True,
-    ):
-        for j, impl_name in enumerate(names):
+
+def plot(name: str, train: list[dict], decode: list[dict]) -> None:
+    panels = [
+        (train, "tokens_per_s", "training tokens/s"),
+        (decode, "decode_tok_s", "greedy decode tokens/s"),
+    ]
+    panels = [p for p in panels if p[0]]
+    fig, axes = new_figure(ncols=max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (rows, key, title) in zip(axes[0], panels, strict=False):
+        labels = list(dict.fromkeys(r["impl"] for r in rows))
+        sizes = list(dict.fromkeys((r["N"], r["M"]) for r in rows))
+        width = 0.8 / len(labels)
+        for j, impl in enumerate(labels):
             pts = [
                 (i, r[key])
-                for i, s in enumerate(sizes)
+                for i, sz in enumerate(sizes)
                 for r in rows
-                if r["N"] == s["N"] and r["impl"] == impl_name and key in r
+                if (r["N"], r["M"]) == sz and r["impl"] == impl and key in r
             ]
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.bar(
-                    [x + width * (j - (len(names) - 1) / 2) for x in xs],
+                    [x + width * (j - (len(labels) - 1) / 2) for x in xs],
                     ys,
                     width=width,
                     color=f"C{j}",
-                    label=impl_name,
+                    label=impl,
                 )
-        ax.set_xticks(range(len(sizes)), [f"N={s['N']}\nM={s['M']} B={s['batch']}" for s in sizes])
-        ax.set_title(label)
-    axes[0].legend(fontsize=8)
+        ax.set_xticks(range(len(sizes)), [f"N={n}\nM={m}" for n, m in sizes])
+        ax.set_yscale("log")
+        ax.set_title(f"{title} (higher is better)")
+        ax.legend(fontsize=7)
     save_figure(fig, name)
-    return 0
 
 
 if __name__ == "__main__":

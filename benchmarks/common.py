@@ -3,6 +3,11 @@
 Every benchmark measures each case in a fresh Python process (``run_case``) so
 that peak resident memory (``ru_maxrss``) belongs to that case alone, and
 writes its numbers to ``benchmarks/results/<name>.json`` next to a PNG plot.
+The measurement discipline every script follows (``run_rounds``, ``LoadWatch``):
+the load average is printed at the start and the end (a ratio measured while
+other jobs ran is orientation only), the implementations or cases alternate
+within each round, each round is a fresh process per case, tables report
+medians over the rounds, and the results JSON keeps every run.
 OpenMP is told to wait passively before torch is imported: with spinning
 threads a small step on this shared 2-core machine runs several times slower.
 """
@@ -59,8 +64,134 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     return times
 
 
+def timed_blocks(fn: Callable[[], Any], repeats: int, min_block_s: float = 0.0) -> tuple[list[float], int]:
+    """Seconds per call of ``fn``, from ``repeats`` timed blocks of k calls each, after a warm-up call.
+
+    k is 1 unless one call takes less than ``min_block_s`` (small models): then
+    each block runs enough calls to last about that long, so timer resolution
+    and a single scheduler hiccup weigh less. Returns (times, k).
+    """
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    k = 1 if first >= min_block_s else max(1, int(min_block_s / max(first, 1e-6)))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        times.append((time.perf_counter() - t0) / k)
+    return times, k
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+# ----------------------------------------------------------------------------
+# Measurement discipline: load average, alternating rounds of fresh processes
+# ----------------------------------------------------------------------------
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (runnable processes; 2 cores here)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class LoadWatch:
+    """Prints the load average when a benchmark starts and ends and keeps both for its JSON.
+
+    A load above the number of cores means other jobs competed for them: the
+    ratios measured side by side still hold roughly, absolute times do not.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.start = load_average()
+        self.end: list[float] | None = None
+        print(f"{name}: load average at start {self._fmt(self.start)} ({os.cpu_count()} cores)", flush=True)
+
+    @staticmethod
+    def _fmt(load: list[float]) -> str:
+        return " / ".join(f"{x:.2f}" for x in load)
+
+    def finish(self) -> dict[str, Any]:
+        self.end = load_average()
+        print(f"{self.name}: load average at end {self._fmt(self.end)}", flush=True)
+        return {"load_average_start": self.start, "load_average_end": self.end, "cores": os.cpu_count()}
+
+
+def alternating(names: Sequence[str], round_index: int) -> list[str]:
+    """The order of round ``round_index``: rotated by one each round, so nobody always goes first."""
+    names = list(names)
+    if not names:
+        return names
+    r = round_index % len(names)
+    return names[r:] + names[:r]
+
+
+def run_rounds(
+    script: str | Path,
+    cases: dict[str, dict[str, Any]],
+    rounds: int,
+    *,
+    python: Callable[[str], str] | None = None,
+    src: Callable[[str], str | None] | None = None,
+    inline: Callable[[str], Callable[[dict[str, Any]], dict[str, Any]] | None] | None = None,
+    timeout: float = 3600.0,
+    memory_limit_mb: float | None = None,
+    describe: Callable[[str, dict[str, Any]], str] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every case once per round, each in a fresh process, alternating the order.
+
+    Returns every run of every case (failed runs as ``{"error": ...}``), in
+    the order they ran. ``python`` and ``src`` name the interpreter and the
+    source tree of a case by its name (ports run in their own environment, a
+    patched tree of this library first on the path); ``inline`` gives, by name,
+    the function that runs a case in this process instead (``--quick``), or None.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name in alternating(list(cases), r):
+            res = run_case(
+                script,
+                cases[name],
+                python=python(name) if python else sys.executable,
+                timeout=timeout,
+                memory_limit_mb=memory_limit_mb,
+                inline=inline(name) if inline else None,
+                src=src(name) if src else None,
+            )
+            res["round"] = r + 1
+            runs[name].append(res)
+            msg = res.get("error") or (describe(name, res) if describe else "ok")
+            print(f"round {r + 1}/{rounds} {name}: {msg}", flush=True)
+    return runs
+
+
+def ok_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in runs if "error" not in r]
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over the runs that have it (None if none has)."""
+    xs = [r[key] for r in runs if "error" not in r and r.get(key) is not None]
+    return median(xs) if xs else None
+
+
+def matvec_bandwidth(size: int, repeats: int) -> dict[str, Any]:
+    """Memory bandwidth as a large fp32 matrix-vector product reads it: 4 size^2 bytes per product.
+
+    The matrix (1 GiB at size 16384) is far larger than any cache here, so
+    every product streams it from memory once, as a decode step streams the
+    weights. Run in its own process like the other cases.
+    """
+    import torch
+
+    a = torch.randn(size, size)
+    x = torch.randn(size)
+    times = timed(lambda: torch.mv(a, x), repeats=repeats, warmup=2)
+    return {"gb_per_s": 4 * size * size / median(times) / 1e9, "times": times, "size": size}
 
 
 def report_case(result: dict[str, Any]) -> None:

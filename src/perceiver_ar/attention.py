@@ -8,6 +8,7 @@ passed down. Shape letters: B batch, T inputs, M latents, H heads, dh head width
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,10 @@ class KVBuffer(Protocol):
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values [B, H, T, dh]; return every cached one to attend to."""
+        ...
+
+    def extend(self, k: Tensor, v: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A decode step: store new keys/values; return the whole buffers and the mask of what each query sees."""
         ...
 
 
@@ -89,59 +94,92 @@ def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
 # ----------------------------------------------------------------------------
 
 
+def _inverse_frequencies(rotary_dim: int, max_wavelength: float, device: torch.device) -> Tensor:
+    num_bands = rotary_dim // 2
+    exponents = (2.0 / rotary_dim) * torch.linspace(0, num_bands, num_bands, dtype=torch.float64)
+    return (1.0 / (float(max_wavelength) ** exponents)).to(device=device, dtype=torch.float32)
+
+
+_cached_inverse_frequencies = functools.lru_cache(maxsize=64)(_inverse_frequencies)
+
+
 def rotary_tables(positions: Tensor, rotary_dim: int, max_wavelength: float) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotation angles, [B, 1, T, rotary_dim / 2].
 
     The official frequencies come from a ``linspace`` that includes its end
     point: exponents run over [0, 1] inclusive, so for 4 rotated channels and
-    max_wavelength 64 the wavelengths are 1 and 64.
+    max_wavelength 64 the wavelengths are 1 and 64. They are computed once
+    per (width, wavelength, device), not per forward.
     """
-    num_bands = rotary_dim // 2
-    exponents = (2.0 / rotary_dim) * torch.linspace(0, num_bands, num_bands, dtype=torch.float64)
-    inv_freq = (1.0 / (float(max_wavelength) ** exponents)).to(torch.float32)
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    # Compiled code traces the computation itself (a constant to Inductor).
+    frequencies = _inverse_frequencies if torch.compiler.is_compiling() else _cached_inverse_frequencies
+    inv_freq = frequencies(rotary_dim, float(max_wavelength), positions.device)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotary_phase(cos: Tensor, sin: Tensor) -> Tensor:
+    """The tables as unit complex numbers cos + i sin: a rotation is one complex multiply."""
+    return torch.complex(cos, sin)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = None) -> Tensor:
     """Rotate adjacent channel pairs (interleaved style) of the first channels.
 
     x [B, H, T, dh]; only the first 2 * cos.shape[-1] channels of each head
     rotate, the rest pass through. The rotation is computed in the tables'
     fp32 and rounded once to x's dtype, so a bf16 or fp16 q or k stays in its
     dtype and meets v in the kernel in one dtype (fp32 tables would promote it).
+    A pair (x0, x1) is the complex number x0 + i x1 and the rotation one
+    complex multiply by ``phase`` (``rotary_phase``, computed once per
+    forward if given): three kernels instead of a dozen, the same numbers
+    (x0 cos - x1 sin, x1 cos + x0 sin). Under torch.compile the real form is
+    traced instead, which Inductor fuses into one kernel.
     """
     r = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
-    return torch.cat((_rotate_pairs(x_rot, cos, sin), x_pass), dim=-1)
+    return torch.cat((_rotate_pairs(x_rot, cos, sin, phase), x_pass), dim=-1)
 
 
-def _rotate_pairs(x_rot: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _rotate_pairs(x_rot: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = None) -> Tensor:
     """The rotated channels [..., r] of ``apply_rotary``, in x_rot's dtype."""
     r = x_rot.shape[-1]
-    x0, x1 = x_rot.to(cos.dtype).unflatten(-1, (r // 2, 2)).unbind(-1)
+    x = x_rot.to(cos.dtype)
+    if _complex_view_ok(x):
+        turned = torch.view_as_complex(x.unflatten(-1, (r // 2, 2))) * (
+            rotary_phase(cos, sin) if phase is None else phase
+        )
+        return torch.view_as_real(turned).flatten(-2).to(x_rot.dtype)
+    x0, x1 = x.unflatten(-1, (r // 2, 2)).unbind(-1)
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     return rotated.to(x_rot.dtype)
 
 
-def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _complex_view_ok(x: Tensor) -> bool:
+    """Whether x's channel pairs can be viewed as complex numbers in eager mode (fp32, even strides)."""
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.stride(-1) != 1:
+        return False
+    return x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1])
+
+
+def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = None) -> Tensor:
     """``apply_rotary`` in place, for inference: x must not need gradients.
 
-    The out-of-place form holds about four copies of the rotated channels at
-    once; at 131,072 inputs that is the peak of a forward pass. Here the
-    only temporary is one copy of the even channels. An x in another dtype
-    than the tables (bf16, fp16) is rotated in fp32 and written back rounded
-    once, exactly as ``apply_rotary`` does, so both paths give the same keys.
+    The out-of-place form holds copies of the rotated channels; at 131,072
+    inputs that is the peak of a forward pass. Here an fp32 x is multiplied
+    in place through a complex view of its own storage (no temporary beyond
+    the table). An x in another dtype than the tables (bf16, fp16) is rotated
+    in fp32 and written back rounded once, exactly as ``apply_rotary`` does,
+    so both paths give the same keys.
     """
     r = 2 * cos.shape[-1]
-    if x.dtype != cos.dtype:
-        x[..., :r] = _rotate_pairs(x[..., :r], cos, sin)
+    x_rot = x[..., :r]
+    if x.dtype == cos.dtype and _complex_view_ok(x_rot):
+        torch.view_as_complex(x_rot.unflatten(-1, (r // 2, 2))).mul_(
+            rotary_phase(cos, sin) if phase is None else phase
+        )
         return x
-    pairs = x[..., :r].unflatten(-1, (r // 2, 2))
-    x0, x1 = pairs.unbind(-1)
-    x0_orig = x0.clone()
-    x0.mul_(cos).addcmul_(x1, sin, value=-1.0)  # x0 cos - x1 sin
-    x1.mul_(cos).addcmul_(x0_orig, sin)  # x1 cos + x0 sin
+    x[..., :r] = _rotate_pairs(x_rot, cos, sin, phase)
     return x
 
 
@@ -183,15 +221,18 @@ class Masks:
     ``cross`` describes the cross-attend's visibility by indices (the kernel
     builds a mask only where it needs one) and ``latent`` holds the latent
     layers' boolean mask (True = attend); both ``None`` with ``full_rows``
-    off means every key is visible (a cached decode step). ``cross_kernel``,
-    when set, replaces the cross-attend's kernel: context parallelism
-    (``context_parallel.py``) passes one that attends to this rank's keys
-    and merges the ranks' partial results.
+    off means every key is visible. ``decode``: a cached decode step, where
+    each layer's cache says which of its slots the new queries see
+    (``KVBuffer.extend``). ``cross_kernel``, when set, replaces the
+    cross-attend's kernel: context parallelism (``context_parallel.py``)
+    passes one that attends to this rank's keys and merges the ranks'
+    partial results.
     """
 
     cross: CrossMask | None = None
     latent: Tensor | None = None  # [B, 1, M, M]
     full_rows: bool = False
+    decode: bool = False
     # Latents with no visible input; the official code gives them a uniform
     # softmax over all T inputs (scores filled with -1e30). [B, M] or None.
     uniform_rows: Tensor | None = None

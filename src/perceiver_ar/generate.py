@@ -3,9 +3,14 @@
 Cached generation follows the official sampler (sample_utils.py): the prompt
 is primed with one forward that hosts a single latent and fills the caches;
 each new token then costs one latent whose keys/values join the caches; when
-the latent caches are full, a reset recomputes the current window with a fill
-of latents (M/2 by default) and refills them. Past N tokens the window slides:
-the cross-attend cache is a ring over the last N inputs.
+the latent caches are full, a reset recomputes a fill of latents (M/2 by
+default) on the newest inputs and refills them. The inputs' keys and values
+are already in the cross-attend cache, so a reset reuses them (only a window
+renumbered for an absolute position table is recomputed whole). Past N tokens
+the window slides: the cross-attend cache is a ring over the last N inputs.
+A decode step (and a reset) has static shapes, keeps the cache's counts on
+the device and samples on the device; ``compile=True`` compiles it once
+(``torch.compile``), as gpt-fast compiles its one-token step.
 
 ``use_cache=False`` runs the same sampler with every step recomputed from
 scratch: a full forward over the window hosting as many latents as the cache
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +64,34 @@ def prefill(
 def decode_one(model: PerceiverAR, token: Tensor, position: Tensor, cache: KVCache) -> Tensor:
     """The cached step: one new token [B] at ``position`` [B] hosts one latent. Logits [B, V]."""
     return model.decode_step(token[:, None], position[:, None], cache).logits[:, -1]
+
+
+def _decode_latents(model: PerceiverAR, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+    """A step (F = 1) or a reset from the cache (F = reset_fill, latent caches emptied first).
+
+    tokens [B, F], positions [B, F]: the newest F inputs, each hosting a latent.
+    The cross-attend ring already holds the rotated keys and values of every
+    window input but the newest, so a reset computes only its F latents
+    instead of the projections of all N inputs. Next-token logits [B, V].
+    """
+    return model.decode_step(tokens, positions, cache).logits[:, -1]
+
+
+# Compiled decode steps by torch.compile backend: one per process, like gpt-fast's.
+# dynamic=False: a step and a reset have static shapes (one graph each per cache size).
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def compiled_decode(backend: str = "inductor") -> Callable[[PerceiverAR, Tensor, Tensor, KVCache], Tensor]:
+    """``model.decode_step`` compiled with ``torch.compile``: (model, tokens [B, F], positions, cache) -> logits [B, V].
+
+    fullgraph=True: the step has no graph break (tests/test_compile_decode.py
+    checks one graph). The first call of each shape compiles (tens of seconds
+    on a CPU), later ones reuse it.
+    """
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_decode_latents, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED[backend]
 
 
 def sample(
@@ -266,6 +299,7 @@ def generate_stream(
     positions: Tensor | None = None,
     stop_tokens: Sequence[int] | None = None,
     allowed_tokens: Sequence[int] | Tensor | None = None,
+    compile: bool | str = False,
 ) -> Iterator[GenerationStep]:
     """An iterator of one ``GenerationStep`` per new token; the arguments are ``generate``'s.
 
@@ -286,6 +320,10 @@ def generate_stream(
     fill = max(M // 2, 1) if reset_fill is None else int(reset_fill)
     if not 1 <= fill <= M:
         raise ValueError(f"reset_fill must be in [1, num_latents={M}], got {reset_fill}")
+    if not isinstance(compile, (bool, str)):
+        raise ValueError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+    if compile and not use_cache:
+        raise ValueError("compile compiles the cached decode step: it needs use_cache=True")
     prompt, positions = _prepare_prompt(model, prompt, positions, max_new_tokens)
     B = prompt.shape[0]
     device = prompt.device
@@ -295,15 +333,21 @@ def generate_stream(
     ):
         raise ValueError(f"stop_tokens must be ids in [0, {cfg.vocab_size}), got {list(stop_tokens)}")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
-    cache = KVCache.for_model(model, B) if use_cache else None
+    # Sized to this generation: a step reads every slot, so none is kept that it never fills.
+    cache = None
+    if use_cache:
+        cache = KVCache.for_model(model, B, prompt.shape[1] + max_new_tokens, max(max_new_tokens, 1))
     history = _History(prompt, positions, max_new_tokens, cfg)
     allowed = _allowed_ids(allowed_tokens, cfg.vocab_size, device)
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, allowed_tokens=allowed
     )
+    decode = _decode_latents
+    if compile:
+        decode = compiled_decode("inductor" if compile is True else compile)
     # Arguments are checked above, when generate_stream is called; the steps
     # run as the caller iterates.
-    return _steps(model, history, cache, max_new_tokens, fill, sampling, stop)
+    return _steps(model, history, cache, max_new_tokens, fill, sampling, stop, decode)
 
 
 def _steps(
@@ -314,6 +358,7 @@ def _steps(
     fill: int,
     sampling: dict,
     stop: Tensor | None,
+    decode: Callable[[PerceiverAR, Tensor, Tensor, KVCache], Tensor],
 ) -> Iterator[GenerationStep]:
     M = model.config.num_latents
     use_cache = cache is not None
@@ -333,10 +378,15 @@ def _steps(
             if not use_cache:
                 mode = "recompute"
                 logits = prefill(model, tokens, pos, num_latents, None)
-            elif mode == "cached_step":
-                logits = decode_one(model, tokens[:, -1], pos[:, -1], cache)
-            else:
+            elif mode == "prime" or history.rebased:  # every input's embedding is new: a full forward
                 logits = prefill(model, tokens, pos, num_latents, cache)
+            else:  # a step (1 latent) or a reset (the fill) on the newest inputs, from the cache
+                new_latents = 1
+                if mode == "reset":
+                    cache.clear_latents()
+                    new_latents = num_latents
+                with torch.no_grad():
+                    logits = decode(model, tokens[:, -new_latents:], pos[:, -new_latents:], cache)
             token = sample(logits, **sampling)
             yield GenerationStep(index, token.masked_fill(done, PAD_ID), logits, mode, num_latents)
             if stop is not None:
@@ -380,6 +430,7 @@ def generate(
     positions: Tensor | None = None,
     stop_tokens: Sequence[int] | None = None,
     allowed_tokens: Sequence[int] | Tensor | None = None,
+    compile: bool | str = False,
 ) -> GenerationOutput:
     """Continue each row of ``prompt`` by up to ``max_new_tokens`` tokens.
 
@@ -393,7 +444,9 @@ def generate(
     [B, T + max_new_tokens, axes] for several position tables) for every token
     to come. stop_tokens end a row once drawn. allowed_tokens: the only ids
     that may be drawn (default: any but PAD), for example an image model's
-    pixel ids ``range(3, 259)``.
+    pixel ids ``range(3, 259)``. compile: compile the cached decode step with
+    ``torch.compile`` (True: Inductor; a string names another backend); the
+    first generation of a shape pays the compilation.
     """
     steps = generate_stream(
         model,
@@ -408,6 +461,7 @@ def generate(
         positions=positions,
         stop_tokens=stop_tokens,
         allowed_tokens=allowed_tokens,
+        compile=compile,
     )
     device = next(model.parameters()).device
     B = 1 if torch.as_tensor(prompt).dim() == 1 else len(prompt)

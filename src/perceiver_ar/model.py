@@ -31,6 +31,7 @@ from .attention import (
     build_masks,
     default_positions,
     latent_indices,
+    rotary_phase,
     rotary_tables,
     scaled_dot_product,
     sequence_lengths,
@@ -42,7 +43,8 @@ from .config import PerceiverARConfig
 from .validation import check_cache_fill, check_inputs
 from .vocab import PAD_ID
 
-Rope = tuple[Tensor, Tensor]  # cos, sin [B, 1, T, rotary_dim / 2]
+# cos, sin [B, 1, T, rotary_dim / 2] and the same as unit complex numbers (None under torch.compile)
+Rope = tuple[Tensor, Tensor, Tensor | None]
 
 
 def squared_relu(x: Tensor) -> Tensor:
@@ -67,6 +69,10 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return F.layer_norm(
+                x, self.normalized_shape, self.weight, self.bias, self.eps
+            )  # no casts to make
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
@@ -106,11 +112,11 @@ class Attention(nn.Module):
         # [B, T, H*dh] -> [B, H, T, dh]: channel c belongs to head c // dh.
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def queries(self, x_q: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def queries(self, x_q: Tensor, rope: Rope | None) -> Tensor:
         q = self.split_heads(self.wq(x_q))
         return q if rope is None else apply_rotary(q, *rope)
 
-    def keys_values(self, x_kv: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    def keys_values(self, x_kv: Tensor, rope: Rope | None) -> tuple[Tensor, Tensor]:
         """Projected keys (rotated) and values, [B, H, T, dh] each."""
         k = self.split_heads(self.wk(x_kv))
         v = self.split_heads(self.wv(x_kv))
@@ -122,6 +128,23 @@ class Attention(nn.Module):
     def output(self, out: Tensor) -> Tensor:
         """[B, H, Lq, dh] attention output -> [B, Lq, out_dim] through the output projection."""
         return self.wo(out.transpose(1, 2).flatten(2))
+
+
+def attend_to_cache(
+    cache: KVBuffer | None, k: Tensor, v: Tensor, num_queries: int, decode: bool, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The keys, values and mask an attention reads: its own, or its cache's once they are stored.
+
+    A block into an empty cache (the prime, a full reset) attends to itself
+    as a forward does; a decode step attends to the whole preallocated buffer
+    through the cache's mask of valid, visible slots.
+    """
+    if cache is None:
+        return k, v, mask
+    if decode:
+        return cache.extend(k, v, num_queries)
+    k, v = cache.update(k, v)
+    return k, v, mask
 
 
 class CrossAttend(nn.Module):
@@ -159,10 +182,8 @@ class CrossAttend(nn.Module):
         rope_k: Rope | None,
         cache: KVBuffer | None = None,
     ) -> Tensor:
-        q, k, v = self.project(z0, emb, rope_q, rope_k)
-        if cache is not None:
-            # Generation: store these inputs' keys/values, attend to every cached one.
-            k, v = cache.update(k, v)
+        q, k, v = self.project(z0, emb, rope_q, rope_k)  # [B, H, M, E/H], [B, H, T, E/H] x 2
+        k, v, mask = attend_to_cache(cache, k, v, q.shape[2], masks.decode, masks.cross)
         if masks.cross_kernel is not None:  # context parallelism: this rank's keys, merged across ranks
             out = masks.cross_kernel(q, k, v)
         else:
@@ -170,7 +191,7 @@ class CrossAttend(nn.Module):
                 q,
                 k,
                 v,
-                mask=masks.cross,
+                mask=mask,
                 causal=masks.full_rows,
                 uniform_rows=masks.uniform_rows,
                 chunk_size=self.chunk_size,
@@ -195,12 +216,18 @@ class LatentLayer(nn.Module):
         h = self.attention_norm(z)
         q = self.attention.queries(h, rope)
         k, v = self.attention.keys_values(h, rope)
-        if cache is not None:
-            k, v = cache.update(k, v)  # this layer's latents so far, the new ones last
-        causal = masks.full_rows and masks.latent is None
-        out = scaled_dot_product(q, k, v, mask=masks.latent, causal=causal)
+        # With a cache: this layer's latents so far, the new ones last.
+        k, v, mask = attend_to_cache(cache, k, v, q.shape[2], masks.decode, masks.latent)
+        causal = masks.full_rows and mask is None
+        out = scaled_dot_product(q, k, v, mask=mask, causal=causal)
         z = z + self.dropout(self.attention.output(out))
         return z + self.feed_forward(self.ffn_norm(z))
+
+
+def rope(positions: Tensor, rotary_dim: int, max_wavelength: float) -> Rope:
+    """The rotary tables of ``positions`` [B, T], once per forward for every layer that shares them."""
+    cos, sin = rotary_tables(positions, rotary_dim, max_wavelength)
+    return cos, sin, None if torch.compiler.is_compiling() else rotary_phase(cos, sin)
 
 
 @dataclass
@@ -341,25 +368,32 @@ class PerceiverAR(Pretrained, nn.Module):
         return PerceiverAROutput(logits=logits, latent_index=latent_index)
 
     def decode_step(self, inputs: Tensor, positions: Tensor, cache: ModelCache) -> PerceiverAROutput:
-        """One generation step: the new input hosts one new latent. Logits [B, 1, V].
+        """A cached generation step: the newest Q inputs host Q new latents. Logits [B, Q, V].
 
-        inputs [B, 1] is the token just sampled and positions [B, 1] (or
-        [B, 1, axes]) its position. Its keys/values join the cross-attend cache
-        and the latent's join each latent layer's cache; the latent attends to
-        everything cached (all of it precedes it), so no mask is built. Token
-        ids are not range checked here: that would cost a device sync per token.
+        inputs [B, Q] and positions [B, Q] (or [B, Q, axes]) are the last Q
+        inputs of the window. Only the newest, the token just sampled, is new
+        to the cross-attend cache: its keys/values join it. The Q latents
+        attend to the cached inputs up to their own and join each latent
+        layer's cache. Q = 1 is the ordinary step; a reset that reuses the
+        window's cached keys and values empties the latent caches and takes
+        the ``reset_fill`` newest inputs at once. Each attention reads its
+        whole preallocated cache through the cache's mask, so every step has
+        the same shapes (one compiled graph, no host sync). Token ids are not
+        range checked here: that would cost a device sync per token.
         """
         if self.training:
             raise ValueError("cached generation needs model.eval(): dropout would corrupt the cache")
-        B = inputs.shape[0]
-        if inputs.dim() != 2 or inputs.shape[1] != 1 or positions.shape[:2] != (B, 1):
+        B, Q = inputs.shape[0], inputs.shape[-1]
+        if inputs.dim() != 2 or Q < 1 or positions.shape[:2] != (B, Q):
             raise ValueError(
-                f"a cached step takes one new token [B, 1] and its position [B, 1], "
+                f"a cached step takes the newest tokens [B, Q] and their positions [B, Q], "
                 f"got {tuple(inputs.shape)} and {tuple(positions.shape)}"
             )
-        emb = self.embed(inputs, positions)  # [B, 1, E]
-        rot_pos = positions if positions.dim() == 2 else positions[..., 0]
-        logits = self.trunk(self.latent_init(emb), emb, Masks(), self.rotary(rot_pos, rot_pos), cache)
+        emb = self.embed(inputs, positions)  # [B, Q, E]
+        rot_pos = positions if positions.dim() == 2 else positions[..., 0]  # [B, Q]
+        newest = rot_pos if Q == 1 else rot_pos[:, -1:]  # the one input new to the cross-attend cache
+        masks = Masks(decode=True)
+        logits = self.trunk(self.latent_init(emb), emb[:, -1:], masks, self.rotary(rot_pos, newest), cache)
         return PerceiverAROutput(logits=logits, latent_index=torch.zeros_like(inputs))
 
     # ----------------------------------------------------------- its pieces
@@ -383,9 +417,9 @@ class PerceiverAR(Pretrained, nn.Module):
             cfg.latent_rotary_dim,
             cfg.max_wavelength,
         )
-        cross_q = rotary_tables(latent_pos, cross_dim, wavelength)
-        cross_k = cross_q if input_pos is latent_pos else rotary_tables(input_pos, cross_dim, wavelength)
-        latent = cross_q if latent_dim == cross_dim else rotary_tables(latent_pos, latent_dim, wavelength)
+        cross_q = rope(latent_pos, cross_dim, wavelength)
+        cross_k = cross_q if input_pos is latent_pos else rope(input_pos, cross_dim, wavelength)
+        latent = cross_q if latent_dim == cross_dim else rope(latent_pos, latent_dim, wavelength)
         return LatentRopes(cross_q, cross_k, latent)
 
     def trunk(
