@@ -79,8 +79,9 @@ from perceiver_ar import PerceiverAR, PerceiverARConfig
 from perceiver_ar.loss import perceiver_ar_loss
 torch.set_num_threads(1)
 N, M = int(sys.argv[1]), int(sys.argv[2])
-model = PerceiverAR(PerceiverARConfig(vocab_size=16, context_len=N, num_latents=M, input_dim=16, latent_dim=16,
-    num_latent_layers=1, cross_attend_heads=1, latent_heads=1, cross_attend_widening=1, latent_widening=1))
+model = PerceiverAR(PerceiverARConfig(vocab_size=16, context_len=N, num_latents=M, input_dim=16,
+    latent_dim=16, num_latent_layers=1, cross_attend_heads=1, latent_heads=1, cross_attend_widening=1,
+    latent_widening=1))
 x = torch.randint(3, 16, (1, N))
 y = torch.randint(3, 16, (1, N))
 warm = model(x[:, :64], num_latents=8)  # touch every code path once at a small size

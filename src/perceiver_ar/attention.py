@@ -38,7 +38,7 @@ class KVBuffer(Protocol):
         ...
 
     def extend(self, k: Tensor, v: Tensor, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
-        """A decode step: store new keys/values; return the whole buffers and the mask of what each query sees."""
+        """A decode step: store new keys/values; return the whole buffers and what each query sees."""
         ...
 
 
@@ -458,10 +458,12 @@ def scaled_dot_product(
 
     causal: bottom-right aligned (query i sees keys 0..Lk - Lq + i), for full
     rows; no mask is ever built for it on CPU or with FlexAttention. mask: a
-    ``CrossMask`` (the cross-attend of padded rows or with dropout) or a
-    boolean [B or 1, 1, Lq, Lk], True = attend (the latent layers). Neither:
-    every key is visible. uniform_rows [B, Lq]: queries whose output is the
-    mean of all values (latents with nothing to see). chunk_size: run masked
+    ``CrossMask`` (the cross-attend of padded rows or with dropout), a
+    boolean [B or 1, 1, Lq, Lk], True = attend (the latent layers, a reset
+    from the cache), or an additive float one in q's dtype, 0 or -inf (a
+    decode step's cache slots). Neither: every key is visible. uniform_rows
+    [B, Lq]: queries whose output is the mean of all values (latents with
+    nothing to see). chunk_size: run masked
     SDPA in query chunks of this size (0: one chunk, or chunks of
     ``INFERENCE_CHUNK`` without autograd when the mask is large) to bound the
     mask, its float copy and the workspace.
@@ -530,7 +532,7 @@ def attention_weights(q: Tensor, k: Tensor, visible: Tensor, uniform_rows: Tenso
 
 
 def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | CrossMask | None, chunk_size: int) -> Tensor:
-    """SDPA with a boolean mask (a ``CrossMask`` is made dense one query chunk at a time)."""
+    """SDPA with a boolean or additive mask (a ``CrossMask`` is made dense one query chunk at a time)."""
     Lq, Lk = q.shape[2], k.shape[2]
     if mask is not None and chunk_size <= 0 and Lq * Lk > AUTO_CHUNK_AREA and not torch.is_grad_enabled():
         # SDPA on CPU turns a boolean mask into a float copy four times its

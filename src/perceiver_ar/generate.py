@@ -83,7 +83,7 @@ _COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 
 def compiled_decode(backend: str = "inductor") -> Callable[[PerceiverAR, Tensor, Tensor, KVCache], Tensor]:
-    """``model.decode_step`` compiled with ``torch.compile``: (model, tokens [B, F], positions, cache) -> logits [B, V].
+    """The decode step compiled by torch.compile: (model, tokens [B, F], positions, cache) -> logits [B, V].
 
     fullgraph=True: the step has no graph break (tests/test_compile_decode.py
     checks one graph). The first call of each shape compiles (tens of seconds
@@ -333,10 +333,15 @@ def generate_stream(
     ):
         raise ValueError(f"stop_tokens must be ids in [0, {cfg.vocab_size}), got {list(stop_tokens)}")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
-    # Sized to this generation: a step reads every slot, so none is kept that it never fills.
+    # Sized to this generation (at most N and M slots): a step reads every slot, so
+    # none is kept that it never fills. Compiled, the sizes round up to a power of
+    # two, so that generations of other lengths mostly reuse the compiled steps.
     cache = None
     if use_cache:
-        cache = KVCache.for_model(model, B, prompt.shape[1] + max_new_tokens, max(max_new_tokens, 1))
+        inputs, latents = prompt.shape[1] + max_new_tokens, max(max_new_tokens, 1)
+        if compile:
+            inputs, latents = 1 << (inputs - 1).bit_length(), 1 << (latents - 1).bit_length()
+        cache = KVCache.for_model(model, B, inputs, latents)
     history = _History(prompt, positions, max_new_tokens, cfg)
     allowed = _allowed_ids(allowed_tokens, cfg.vocab_size, device)
     sampling = dict(

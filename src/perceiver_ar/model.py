@@ -352,13 +352,19 @@ class PerceiverAR(Pretrained, nn.Module):
         if self.training and self.config.cross_attend_dropout > 0:
             inputs, emb, rot_pos, input_keep, kept_index = self.cross_attend_dropout(inputs, emb, rot_pos, M)
 
-        latent_index = latent_indices(sequence_lengths(inputs), M)  # [B, M]
+        B, T = inputs.shape
+        if full_rows:  # every row holds T inputs: the latents sit on the last M, a slice
+            latent_index = torch.arange(T - M, T, device=inputs.device).expand(B, M)
+            z0 = self.latent_init(emb[:, T - M :])  # [B, M, D]
+            ropes = self.rotary(rot_pos if M == T else rot_pos[:, T - M :], rot_pos)
+        else:
+            latent_index = latent_indices(sequence_lengths(inputs), M)  # [B, M]
+            gather = latent_index % T  # -1 wraps to T-1, as in the official code
+            z0 = self.latent_init(emb.gather(1, gather[..., None].expand(-1, -1, emb.shape[-1])))  # [B, M, D]
+            ropes = self.rotary(rot_pos.gather(1, gather), rot_pos)
         masks = build_masks(inputs, latent_index, input_keep, full_rows=bool(full_rows))
         if self.training and self.config.latent_dropout > 0:
             masks = with_latent_dropout(masks, latent_index, self.config.latent_dropout)
-        gather = latent_index % inputs.shape[1]  # -1 wraps to T-1, as in the official code
-        z0 = self.latent_init(emb.gather(1, gather[..., None].expand(-1, -1, emb.shape[-1])))  # [B, M, D]
-        ropes = self.rotary(rot_pos.gather(1, gather), rot_pos)
         logits = self.trunk(z0, emb, masks, ropes, cache)  # [B, M, V]
 
         if kept_index is not None:  # report latents in the coordinates of the caller's inputs
