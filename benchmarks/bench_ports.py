@@ -17,8 +17,8 @@ L self-attention layers after one cross-attend, MLP 4x, fp32.
 
 Training (``--modes train``): batch B of random full rows; per case the
 forward latency (eval mode, no grad), then training steps (forward,
-cross-entropy on the M targets, backward, and the same AdamW for every
-implementation); tokens/s counts the B x N input tokens of a step. Small
+cross-entropy on the M targets, backward, and the same fused AdamW for
+every implementation); tokens/s counts the B x N input tokens of a step. Small
 models run blocks of steps lasting at least ``--min-block`` seconds.
 
 Greedy decoding (``--modes decode``), batch 1, each implementation through
@@ -256,8 +256,9 @@ def run_train(case: dict) -> dict:
     with torch.no_grad():
         fwd_times, _ = timed_blocks(lambda: forward(model, x), case["repeats"], case["min_block"])
     model.train()
-    # The same optimizer for every implementation: it is not part of any model.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    # The same optimizer for every implementation (it is not part of any model):
+    # AdamW as this library's trainer builds it, fused (one pass over all parameters).
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
 
     def step() -> None:
         loss = loss_fn(model, x, y)
