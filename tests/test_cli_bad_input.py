@@ -128,6 +128,7 @@ CASES = [
     ("generate run --prompt-file missing.txt --max-new-tokens 2", "missing.txt does not exist"),
     ("generate run --max-new-tokens 2", "one of the arguments --prompt --prompt-file is required"),
     ("generate corrupt_model --prompt x --max-new-tokens 2", "does not match its SHA-256"),
+    ("generate run --prompt x --max-new-tokens 2 --compile --no-cache", "--compile compiles the cached"),
     # render
     ("render run --data store --out r", "the store holds modality 'text'"),
     ("render run --data store --out notes", "holds no render.json"),

@@ -111,6 +111,33 @@ def test_compile_needs_the_cache_and_a_backend_name():
         generate(model, random_prompt(1, 4), 3, compile=3)
 
 
+def test_cli_generate_compile_gives_the_eager_text(tmp_path, capsys, monkeypatch):
+    """``perceiver-ar generate --compile`` decodes through the compiled step (here the eager backend)."""
+    import sys
+
+    from perceiver_ar.cli import main
+
+    generation = sys.modules["perceiver_ar.generate"]  # the package's ``generate`` is the function
+
+    make_model().save_pretrained(tmp_path / "model")
+    args = ["generate", str(tmp_path / "model"), "--prompt", "to be", "--max-new-tokens", "20"]
+    args += ["--temperature", "0", "--tokenizer", "bytes"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    compiled_decode = generation.compiled_decode
+    backends = []
+
+    def eager_backend(backend="inductor"):
+        backends.append(backend)
+        return compiled_decode("eager")
+
+    monkeypatch.setattr(generation, "compiled_decode", eager_backend)
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert backends == ["inductor"] and "compiled" in compiled.err
+    assert compiled.out == eager.out and len(eager.out) > len("to be")
+
+
 @pytest.mark.slow
 def test_inductor_decode_gives_the_eager_tokens():
     """The real thing: Inductor code for the step and the reset, the same greedy tokens as eager."""
