@@ -73,6 +73,30 @@ def test_full_rows_build_no_mask_at_any_m(num_latents):
     assert mask_like(recorder.outputs, num_latents, T)
 
 
+def test_m_equal_t_runs_every_attention_through_the_causal_kernel(monkeypatch):
+    """Decoder-only (M = T): each of the L + 1 attentions is SDPA ``is_causal=True`` with no mask.
+
+    (The backward is the kernel's own, so only the forward calls are counted.)
+    """
+    import perceiver_ar.attention as attention
+
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((tuple(q.shape), tuple(k.shape), attn_mask is not None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    T = 40
+    model = make_model(context_len=T, num_latents=T).train()
+    inputs = torch.randint(3, 259, (2, T), generator=torch.Generator().manual_seed(0))
+    out = model(inputs)
+    out.logits.sum().backward()
+    assert len(calls) == 1 + model.config.num_latent_layers
+    assert all(causal and not masked and q[2] == k[2] == T for q, k, masked, causal in calls), calls
+
+
 MEMORY_PROBE = """
 import json, resource, sys, torch
 from perceiver_ar import PerceiverAR, PerceiverARConfig
