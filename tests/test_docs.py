@@ -304,6 +304,7 @@ def benchmark_module(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"docs_bench_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
