@@ -109,9 +109,8 @@ def rotary_tables(positions: Tensor, rotary_dim: int, max_wavelength: float) -> 
     The official frequencies come from a ``linspace`` that includes its end
     point: exponents run over [0, 1] inclusive, so for 4 rotated channels and
     max_wavelength 64 the wavelengths are 1 and 64. They are computed once
-    per (width, wavelength, device), not per forward.
+    per (width, wavelength, device), not per forward (traced when compiled).
     """
-    # Compiled code traces the computation itself (a constant to Inductor).
     frequencies = _inverse_frequencies if torch.compiler.is_compiling() else _cached_inverse_frequencies
     inv_freq = frequencies(rotary_dim, float(max_wavelength), positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
@@ -127,14 +126,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = Non
     """Rotate adjacent channel pairs (interleaved style) of the first channels.
 
     x [B, H, T, dh]; only the first 2 * cos.shape[-1] channels of each head
-    rotate, the rest pass through. The rotation is computed in the tables'
-    fp32 and rounded once to x's dtype, so a bf16 or fp16 q or k stays in its
-    dtype and meets v in the kernel in one dtype (fp32 tables would promote it).
-    A pair (x0, x1) is the complex number x0 + i x1 and the rotation one
-    complex multiply by ``phase`` (``rotary_phase``, computed once per
-    forward if given): three kernels instead of a dozen, the same numbers
-    (x0 cos - x1 sin, x1 cos + x0 sin). Under torch.compile the real form is
-    traced instead, which Inductor fuses into one kernel.
+    rotate. Computed in the tables' fp32 and rounded once to x's dtype, so a
+    bf16 q or k meets v in the kernel in one dtype. A pair (x0, x1) is x0 + i x1
+    and the rotation one complex multiply by ``phase`` (``rotary_phase``, once
+    per forward): three kernels instead of a dozen, the same numbers. Under
+    torch.compile the real form is traced (Inductor fuses it into one kernel).
     """
     r = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
@@ -146,9 +142,8 @@ def _rotate_pairs(x_rot: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None 
     r = x_rot.shape[-1]
     x = x_rot.to(cos.dtype)
     if _complex_view_ok(x):
-        turned = torch.view_as_complex(x.unflatten(-1, (r // 2, 2))) * (
-            rotary_phase(cos, sin) if phase is None else phase
-        )
+        phase = rotary_phase(cos, sin) if phase is None else phase
+        turned = torch.view_as_complex(x.unflatten(-1, (r // 2, 2))) * phase
         return torch.view_as_real(turned).flatten(-2).to(x_rot.dtype)
     x0, x1 = x.unflatten(-1, (r // 2, 2)).unbind(-1)
     rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
@@ -165,12 +160,10 @@ def _complex_view_ok(x: Tensor) -> bool:
 def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = None) -> Tensor:
     """``apply_rotary`` in place, for inference: x must not need gradients.
 
-    The out-of-place form holds copies of the rotated channels; at 131,072
-    inputs that is the peak of a forward pass. Here an fp32 x is multiplied
-    in place through a complex view of its own storage (no temporary beyond
-    the table). An x in another dtype than the tables (bf16, fp16) is rotated
-    in fp32 and written back rounded once, exactly as ``apply_rotary`` does,
-    so both paths give the same keys.
+    The out-of-place form holds copies of the rotated channels (the peak of
+    a forward at 131,072 inputs). Here an fp32 x is multiplied in place
+    through a complex view of its own storage; a bf16 or fp16 x is rotated in
+    fp32 and written back rounded once, as ``apply_rotary`` does.
     """
     r = 2 * cos.shape[-1]
     x_rot = x[..., :r]
@@ -221,12 +214,10 @@ class Masks:
     ``cross`` describes the cross-attend's visibility by indices (the kernel
     builds a mask only where it needs one) and ``latent`` holds the latent
     layers' boolean mask (True = attend); both ``None`` with ``full_rows``
-    off means every key is visible. ``decode``: a cached decode step, where
-    each layer's cache says which of its slots the new queries see
-    (``KVBuffer.extend``). ``cross_kernel``, when set, replaces the
-    cross-attend's kernel: context parallelism (``context_parallel.py``)
-    passes one that attends to this rank's keys and merges the ranks'
-    partial results.
+    off means every key is visible. ``decode``: a cached decode step (each
+    layer's cache says which slots the new queries see, ``KVBuffer.extend``).
+    ``cross_kernel`` replaces the cross-attend's kernel: context parallelism
+    passes one that attends to this rank's keys and merges the ranks' results.
     """
 
     cross: CrossMask | None = None
@@ -463,10 +454,9 @@ def scaled_dot_product(
     from the cache), or an additive float one in q's dtype, 0 or -inf (a
     decode step's cache slots). Neither: every key is visible. uniform_rows
     [B, Lq]: queries whose output is the mean of all values (latents with
-    nothing to see). chunk_size: run masked
-    SDPA in query chunks of this size (0: one chunk, or chunks of
-    ``INFERENCE_CHUNK`` without autograd when the mask is large) to bound the
-    mask, its float copy and the workspace.
+    nothing to see). chunk_size: run masked SDPA in query chunks of this
+    size (0: one chunk, or chunks of ``INFERENCE_CHUNK`` without autograd
+    when the mask is large) to bound the mask, its float copy and workspace.
 
     The kernels: square causal (M = T, the latent layers) is SDPA
     ``is_causal``. The full-row cross-attend is ``PrefixCausalAttention`` on
