@@ -6,10 +6,12 @@ over what the causal kernels compute: a latent reads all T - M prefix inputs
 and, causally, half of the M x M square on average (flash kernels skip the
 blocks above the diagonal), and each latent layer half of its M x M square;
 the backward counts as 2x the forward. The peak is the median rate of a
-square fp32 ``torch.mm`` on the same threads, measured in its own process
-before and after the model cases.
+square fp32 ``torch.mm`` on the same threads, measured in its own process.
+Each case (the peak among them) runs in a fresh process once per round, the
+order alternating over ``--rounds`` rounds; the table gives medians and the
+JSON keeps every run. The load average is printed at the start and the end.
 
-    python benchmarks/bench_flops.py            # ~3 min here
+    python benchmarks/bench_flops.py            # ~8 min here
     python benchmarks/bench_flops.py --quick    # seconds, smoke test
 """
 
@@ -19,14 +21,17 @@ import argparse
 import sys
 
 from common import (
+    LoadWatch,
     case_argument,
     format_table,
     machine_info,
     markdown_table,
     median,
+    median_of,
     new_figure,
+    ok_runs,
     report_case,
-    run_case,
+    run_rounds,
     save_figure,
     save_results,
     set_threads,
@@ -96,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per process (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of fresh processes")
     p.add_argument("--threads", type=int, default=2)
     return p
 
@@ -106,25 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = CASES
     if args.quick:
         args.width, args.heads, args.layers, args.matmul_size, args.repeats = 32, 2, 1, 256, 1
+        args.rounds = 1
         cases = [("Perceiver AR", 128, 32, 2), ("decoder-only", 128, 128, 1)]
-    inline = run_one if args.quick else None
-
-    def peak() -> float:
-        r = run_case(
-            __file__,
-            {
-                "kind": "matmul",
-                "size": args.matmul_size,
-                "repeats": 5 * args.repeats,
-                "threads": args.threads,
-            },
-            inline=inline,
-        )
-        print(f"fp32 matmul {args.matmul_size}^3: {r['gflops']:.1f} GFLOP/s", flush=True)
-        return r["gflops"]
-
-    peaks = [peak()]
-    rows = []
+    watch = LoadWatch("bench_flops")
+    specs: dict[str, dict] = {
+        "matmul peak": {"kind": "matmul", "size": args.matmul_size, "repeats": 5 * args.repeats}
+    }
+    configs = {}
     for name, n, m, batch in cases:
         cfg = dict(
             context_len=n,
@@ -135,32 +129,44 @@ def main(argv: list[str] | None = None) -> int:
             cross_attend_heads=args.heads,
             latent_heads=args.heads,
         )
-        r = run_case(
-            __file__,
-            {
-                "kind": "model",
-                "config": cfg,
-                "num_latents": m,
-                "batch": batch,
-                "repeats": args.repeats,
-                "threads": args.threads,
-            },
-            inline=inline,
-        )
+        key = f"{name} N={n} M={m} B={batch}"
+        configs[key] = (name, n, m, batch, cfg)
+        specs[key] = {
+            "kind": "model",
+            "config": cfg,
+            "num_latents": m,
+            "batch": batch,
+            "repeats": args.repeats,
+        }
+    for spec in specs.values():
+        spec["threads"] = args.threads
+
+    def describe(key: str, r: dict) -> str:
+        return f"{r['gflops']:.1f} GFLOP/s" if "gflops" in r else f"{r['step_s']:.2f} s/step"
+
+    runs = run_rounds(
+        __file__,
+        specs,
+        args.rounds,
+        inline=(lambda key: run_one) if args.quick else None,
+        describe=describe,
+    )
+    peaks = [r["gflops"] for r in ok_runs(runs["matmul peak"])]
+    peak_gflops = median(peaks)
+    rows = []
+    for key, (name, n, m, batch, cfg) in configs.items():
         flops = training_flops(cfg, n, m, batch)
-        row = {"model": name, "N": n, "M": m, "batch": batch, "gflop_step": flops / 1e9, **r}
-        row["achieved_gflops"] = flops / r["step_s"] / 1e9
+        row = {"model": name, "N": n, "M": m, "batch": batch, "gflop_step": flops / 1e9, "runs": runs[key]}
+        step_s = median_of(runs[key], "step_s")
+        if step_s is None:
+            row["note"] = runs[key][-1].get("error", "no run")
+        else:
+            row["step_s"] = step_s
+            row["achieved_gflops"] = flops / step_s / 1e9
+            row["fraction_of_peak"] = row["achieved_gflops"] / peak_gflops
         row["parts"] = forward_flops(cfg, n, m, batch)
         rows.append(row)
-        print(
-            f"{name} N={n} M={m} B={batch}: {r['step_s']:.2f} s/step, {flops / 1e9:.0f} GFLOP, "
-            f"{row['achieved_gflops']:.1f} GFLOP/s",
-            flush=True,
-        )
-    peaks.append(peak())
-    peak_gflops = median(peaks)
-    for row in rows:
-        row["fraction_of_peak"] = row["achieved_gflops"] / peak_gflops
+    load = watch.finish()
 
     info = machine_info(args.threads)
     cols = [
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nE=D={args.width}, {args.heads} heads, L={args.layers}; fp32 matmul peak "
         f"{peak_gflops:.1f} GFLOP/s (median of {len(peaks)}: {', '.join(f'{x:.1f}' for x in peaks)}); "
-        f"{info['threads']} threads, {info['cpu']}"
+        f"medians of {args.rounds} alternating rounds of fresh processes; {info['threads']} threads, "
+        f"{info['cpu']}; load average {load['load_average_start']} -> {load['load_average_end']}"
     )
     print(format_table(rows, cols))
     name = "bench_flops_quick" if args.quick else "bench_flops"
@@ -184,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         name,
         {
             "machine": info,
+            **load,
             "args": vars(args),
             "matmul_peak_gflops": peaks,
+            "matmul_runs": runs["matmul peak"],
             "rows": rows,
             "markdown": markdown_table(rows, cols),
         },
@@ -193,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, ax = new_figure(figsize=(7, 4))
     labels = [f"{r['model']}\nN={r['N']} M={r['M']} B={r['batch']}" for r in rows]
-    ax.bar(range(len(rows)), [r["achieved_gflops"] for r in rows], color="tab:blue", label="training step")
+    ax.bar(
+        range(len(rows)),
+        [r.get("achieved_gflops", 0.0) for r in rows],
+        color="tab:blue",
+        label="training step",
+    )
     ax.axhline(peak_gflops, color="tab:red", linestyle="--", label=f"fp32 matmul peak {peak_gflops:.0f}")
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("GFLOP/s")
