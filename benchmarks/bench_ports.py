@@ -19,7 +19,11 @@ Training (``--modes train``): batch B of random full rows; per case the
 forward latency (eval mode, no grad), then training steps (forward,
 cross-entropy on the M targets, backward, and the same fused AdamW for
 every implementation); tokens/s counts the B x N input tokens of a step. Small
-models run blocks of steps lasting at least ``--min-block`` seconds.
+models run blocks of steps lasting at least ``--min-block`` seconds. Sizes:
+N = 256 / M = 64 / D = 64 / L = 2 / B = 2, 1024 / 256 / 256 / 4 / 4,
+4096 / 512 / 512 / 6 / 2, 16,384 / 1024 / 512 / 6 / 1 and the demo preset
+(256 / 128 / 128 / 4, batch 16 as ``make demo`` trains it; steps/s is
+tokens/s over 4096).
 
 Greedy decoding (``--modes decode``), batch 1, each implementation through
 its own generation path: this library's ``generate`` (cached: prime, then one
@@ -92,6 +96,7 @@ TRAIN_SIZES = [
     dict(N=1024, M=256, D=256, heads=4, L=4, batch=4),
     dict(N=4096, M=512, D=512, heads=8, L=6, batch=2),
     dict(N=16384, M=1024, D=512, heads=8, L=6, batch=1),
+    dict(N=256, M=128, D=128, heads=4, L=4, batch=16),  # the demo preset, as `make demo` trains it
 ]
 DECODE_SIZES = [
     # prompt: perceiver-ar-pytorch needs more than N - M prompt tokens (its prefix is fixed at N - M)
