@@ -147,6 +147,23 @@ def test_prompt_longer_than_context(pe):
     assert torch.equal(out.tokens, ref.tokens)
 
 
+@pytest.mark.parametrize("new", [2, 3])
+def test_a_renumbered_window_fits_the_cache_of_a_short_generation(new):
+    """An absolute model whose prompt fills its table resets on the second token (reset_fill latents).
+
+    The caches are sized to the generation; they must hold that fill even when
+    fewer tokens than it are asked for. Cached == recomputed.
+    """
+    model = make_model("absolute")
+    N = model.config.context_len
+    prompt = random_prompt(1, N)
+    cached = list(generate_stream(model, prompt, new, temperature=0))
+    assert [s.mode for s in cached][1:] == ["reset"] * (new - 1)
+    recomputed = list(generate_stream(model, prompt, new, temperature=0, use_cache=False))
+    for a, b in zip(cached, recomputed, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+
+
 def test_positions_continue_from_the_prompt():
     """A prompt cropped mid-sequence keeps its positions; new tokens continue from the last."""
     model = make_model("absolute", position_table_sizes=(129,))

@@ -338,7 +338,8 @@ def generate_stream(
     # two, so that generations of other lengths mostly reuse the compiled steps.
     cache = None
     if use_cache:
-        inputs, latents = prompt.shape[1] + max_new_tokens, max(max_new_tokens, 1)
+        # Latents: one per token, or a reset's fill (a renumbered window resets at once).
+        inputs, latents = prompt.shape[1] + max_new_tokens, max(max_new_tokens, fill)
         if compile:
             inputs, latents = 1 << (inputs - 1).bit_length(), 1 << (latents - 1).bit_length()
         cache = KVCache.for_model(model, B, inputs, latents)
