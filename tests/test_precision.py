@@ -28,16 +28,11 @@ import torch
 from safetensors.torch import load_file
 
 from perceiver_ar import PerceiverAR, generate, generate_stream
-from perceiver_ar.attention import (
-    PrefixCausalAttention,
-    apply_rotary,
-    apply_rotary_,
-    band_mask,
-    rotary_tables,
-)
+from perceiver_ar.attention import PrefixCausalAttention, band_mask
 from perceiver_ar.evaluate import evaluate
 from perceiver_ar.generate import decode_one, prefill
 from perceiver_ar.kv_cache import KVCache
+from perceiver_ar.rotary import apply_rotary, apply_rotary_, rotary_tables
 from perceiver_ar.run_checkpoints import TrainState, load_checkpoint
 from perceiver_ar.run_dir import list_checkpoints
 from perceiver_ar.runtime import setup_runtime

@@ -26,13 +26,9 @@ from .attention import (
     KVBuffer,
     Masks,
     ModelCache,
-    apply_rotary,
-    apply_rotary_,
     build_masks,
     default_positions,
     latent_indices,
-    rotary_phase,
-    rotary_tables,
     scaled_dot_product,
     sequence_lengths,
     sinusoidal_table,
@@ -40,6 +36,7 @@ from .attention import (
 )
 from .checkpoint import Pretrained
 from .config import PerceiverARConfig
+from .rotary import apply_rotary, apply_rotary_, rope
 from .validation import check_cache_fill, check_inputs
 from .vocab import PAD_ID
 
@@ -70,9 +67,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
-            return F.layer_norm(
-                x, self.normalized_shape, self.weight, self.bias, self.eps
-            )  # no casts to make
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)  # no casts
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
@@ -222,12 +217,6 @@ class LatentLayer(nn.Module):
         out = scaled_dot_product(q, k, v, mask=mask, causal=causal)
         z = z + self.dropout(self.attention.output(out))
         return z + self.feed_forward(self.ffn_norm(z))
-
-
-def rope(positions: Tensor, rotary_dim: int, max_wavelength: float) -> Rope:
-    """The rotary tables of ``positions`` [B, T], once per forward for every layer that shares them."""
-    cos, sin = rotary_tables(positions, rotary_dim, max_wavelength)
-    return cos, sin, None if torch.compiler.is_compiling() else rotary_phase(cos, sin)
 
 
 @dataclass
