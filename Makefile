@@ -25,7 +25,8 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Tests marked slow (none at present: pytest's exit 5, "no tests", is not a failure).
+# Tests marked slow (minutes each: two torchrun nodes, dp2 x cp2, FSDP + compile, Inductor
+# decode); `make test` leaves them out. pytest's exit 5, "no tests", is not a failure.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow || test $$? -eq 5
 
