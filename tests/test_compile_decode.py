@@ -9,8 +9,6 @@ value back to the host, compiled or not.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch._dynamo
@@ -19,31 +17,11 @@ from torch._dynamo.utils import counters
 from perceiver_ar.generate import _decode_latents, generate, generate_stream, prefill
 from perceiver_ar.kv_cache import KVCache
 from tests.conftest import make_model
+from tests.test_compile import no_host_reads
 
 
 def random_prompt(B, T, seed=0):
     return torch.randint(3, 259, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Fail on any Python-level read of a tensor's value (``bool``, ``int``, ``item``, ``tolist``)."""
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise AssertionError(f"Tensor.{name} called: a host sync")
-
-        return method
-
-    names = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, refuse(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
 
 
 def primed(model, B=2, T=5, new=12):

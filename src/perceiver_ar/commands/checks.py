@@ -2,7 +2,8 @@
 
 ``arg_type(check)`` turns a check of ``perceiver_ar.checks`` into an argparse
 ``type=``; ``check_paths`` refuses a missing input right after parsing,
-before any work starts.
+before any work starts. ``load_model`` loads a model for eval, render and
+inspect in the runtime's device and precision.
 ``Parser`` prints a usage error as one line (``perceiver-ar train: error:
 argument --steps: must be a positive integer, got '-3'``) and exits 2.
 """
@@ -77,3 +78,17 @@ NO_VERIFY_HELP = (
     "skip the SHA-256 check of the model's files against its MANIFEST.json (for trusted, very large "
     "models: the check reads every byte once more; README 'Safety')"
 )
+
+
+def load_model(path: str, rt: Any, verify: bool) -> Any:
+    """The model of ``path`` on the runtime's device, cast for inference; a note if it lacks provenance."""
+    from ..model import PerceiverAR
+
+    model = rt.for_inference(PerceiverAR.from_pretrained(path, map_location=rt.device, verify=verify))
+    if model.provenance is None:
+        print(
+            f"note: {path} records no provenance (saved before provenance.json existed): "
+            "the store is checked by vocabulary size only",
+            file=sys.stderr,
+        )
+    return model

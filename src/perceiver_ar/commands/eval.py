@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .checks import NO_VERIFY_HELP, nonnegative_float, nonnegative_int, positive_int
+from .checks import NO_VERIFY_HELP, load_model, nonnegative_float, nonnegative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,21 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate_store
     from ..files import write_json
-    from ..model import PerceiverAR
     from ..runtime import setup_runtime
     from ..store import TokenStore
 
     rt = setup_runtime(args.device, args.precision)  # auto: bf16 on a CUDA GPU, fp32 on the CPU
     if args.json:
         check_result_file(Path(args.json))
-    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device, verify=not args.no_verify)
-    model = rt.for_inference(model)
-    if model.provenance is None:
-        print(
-            f"note: {args.model} records no provenance (saved before provenance.json existed): "
-            "the store is checked by vocabulary size only",
-            file=sys.stderr,
-        )
+    model = load_model(args.model, rt, verify=not args.no_verify)
     result = evaluate_store(
         model,
         args.data,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .checks import NO_VERIFY_HELP, nonnegative_int, positive_int
+from .checks import NO_VERIFY_HELP, load_model, nonnegative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,15 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..attention_maps import inspect_store
-    from ..model import PerceiverAR
+    from ..runtime import setup_runtime
 
-    model = PerceiverAR.from_pretrained(args.model, map_location=args.device, verify=not args.no_verify)
-    if model.provenance is None:
-        print(
-            f"note: {args.model} records no provenance (saved before provenance.json existed): "
-            "the store is checked by vocabulary size only",
-            file=sys.stderr,
-        )
+    rt = setup_runtime(args.device, "fp32")  # weights are read exactly as trained
+    model = load_model(args.model, rt, verify=not args.no_verify)
     result = inspect_store(
         model,
         args.data,

@@ -7,6 +7,7 @@ import sys
 
 from .checks import (
     NO_VERIFY_HELP,
+    load_model,
     nonnegative_float,
     nonnegative_int,
     positive_int,
@@ -70,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..files import write_json
-    from ..model import PerceiverAR
     from ..render import check_render_output, render, score
     from ..runtime import setup_runtime
     from ..store import TokenStore
@@ -79,15 +79,8 @@ def run(args: argparse.Namespace) -> int:
     # it: bf16 on a CUDA GPU, fp32 on the CPU by default), as eval and generate.
     rt = setup_runtime(args.device, args.precision)
     check_render_output(args.out, [args.model, args.data])
-    model = PerceiverAR.from_pretrained(args.model, map_location=rt.device, verify=not args.no_verify)
-    model = rt.for_inference(model)
+    model = load_model(args.model, rt, verify=not args.no_verify)
     store = TokenStore(args.data)
-    if model.provenance is None:
-        print(
-            f"note: {args.model} records no provenance (saved before provenance.json existed): "
-            "the store is checked by vocabulary size only",
-            file=sys.stderr,
-        )
     if not args.no_score:
         result = score(
             model,
