@@ -184,7 +184,7 @@ class RunLock:
 
 # What a run writes, and all that ``train --overwrite`` removes (run.json and
 # the lock stay: they are rewritten and held).
-RUN_PRODUCTS = (TRAIN_CONFIG, RUN_LOG, "metrics.jsonl", CHECKPOINTS, "model", "loss.png", "tensorboard")
+RUN_PRODUCTS = (TRAIN_CONFIG, RUN_LOG, METRICS, CHECKPOINTS, MODEL, LOSS_PLOT, TENSORBOARD)
 
 
 def claim_run_dir(
