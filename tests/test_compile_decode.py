@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 
 from perceiver_ar.generate import _decode_latents, generate, generate_stream, prefill
 from perceiver_ar.kv_cache import KVCache
+from perceiver_ar.packed_decode import pack
 from tests.conftest import make_model
 from tests.test_compile import no_host_reads
 
@@ -33,31 +34,35 @@ def primed(model, B=2, T=5, new=12):
     return cache, prompt, positions
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["model-step", "packed-step"])
 @pytest.mark.parametrize("pe", ["rotary", "absolute"])
-def test_decode_step_is_one_graph_without_breaks(pe):
+def test_decode_step_is_one_graph_without_breaks(pe, packed):
     model = make_model(pe)
+    weights = pack(model) if packed else None
     cache, prompt, positions = primed(model)
     token, position = prompt[:, -1:], positions[:, -1:] + 1
     with torch.no_grad():
-        explained = torch._dynamo.explain(_decode_latents)(model, token, position, cache)
+        explained = torch._dynamo.explain(_decode_latents)(model, token, position, cache, weights)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
         # A reset from the cache (four latents at once) is one graph too.
         cache.clear_latents()
         explained = torch._dynamo.explain(_decode_latents)(
-            model, prompt[:, -4:], positions[:, -4:] + 1, cache
+            model, prompt[:, -4:], positions[:, -4:] + 1, cache, weights
         )
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
-def test_decode_steps_never_read_tensor_values():
+@pytest.mark.parametrize("packed", [False, True], ids=["model-step", "packed-step"])
+def test_decode_steps_never_read_tensor_values(packed):
     """Steps and a reset from the cache run without a single host read (no .item(), bool(), int())."""
     model = make_model()
+    weights = pack(model) if packed else None
     cache, prompt, positions = primed(model)
     with torch.no_grad(), no_host_reads():
         for t in range(3):
-            _decode_latents(model, prompt[:, -1:], positions[:, -1:] + 1 + t, cache)
+            _decode_latents(model, prompt[:, -1:], positions[:, -1:] + 1 + t, cache, weights)
         cache.clear_latents()
-        _decode_latents(model, prompt[:, -4:], positions[:, -4:] + 4, cache)
+        _decode_latents(model, prompt[:, -4:], positions[:, -4:] + 4, cache, weights)
 
 
 def test_generation_across_a_reset_and_a_slide_compiles_twice():

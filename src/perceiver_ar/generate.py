@@ -20,6 +20,7 @@ logits (the tests check this).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,17 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import packed_decode
 from .config import PerceiverARConfig
 from .kv_cache import KVCache
 from .model import PerceiverAR
+from .packed_decode import PackedWeights
+from .sampling import DEFAULT_TEMPERATURE, allowed_ids, sample
 from .vocab import PAD_ID
 
-# The one default sampling temperature of the library and every command: 1.0
-# draws from the model's own distribution; lower is more conservative, 0 is greedy.
-DEFAULT_TEMPERATURE = 1.0
-
 # ----------------------------------------------------------------------------
-# Prefill, decode one token, sample
+# Prefill, decode one token
 # ----------------------------------------------------------------------------
 
 
@@ -66,24 +66,39 @@ def decode_one(model: PerceiverAR, token: Tensor, position: Tensor, cache: KVCac
     return model.decode_step(token[:, None], position[:, None], cache).logits[:, -1]
 
 
-def _decode_latents(model: PerceiverAR, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+def _decode_latents(
+    model: PerceiverAR,
+    tokens: Tensor,
+    positions: Tensor,
+    cache: KVCache,
+    weights: PackedWeights | None = None,
+) -> Tensor:
     """A step (F = 1) or a reset from the cache (F = reset_fill, latent caches emptied first).
 
     tokens [B, F], positions [B, F]: the newest F inputs, each hosting a latent.
     The cross-attend ring already holds the rotated keys and values of every
     window input but the newest, so a reset computes only its F latents
-    instead of the projections of all N inputs. Next-token logits [B, V].
+    instead of the projections of all N inputs. With ``weights`` (packed for
+    this generation, ``perceiver_ar.packed_decode``) the step reads them in
+    the layout the CPU reads fastest. Next-token logits [B, V].
     """
+    if weights is not None:
+        return packed_decode.decode_step(model, weights, tokens, positions, cache)
     return model.decode_step(tokens, positions, cache).logits[:, -1]
 
+
+# Where a decode step reads packed weights (``perceiver_ar.packed_decode``): the
+# CPU, whose matrix-vector products read short-rowed weights at half speed. A
+# GPU reads either layout at full speed, so there the copy would only cost memory.
+PACKED_DEVICE_TYPES = ("cpu",)
 
 # Compiled decode steps by torch.compile backend: one per process, like gpt-fast's.
 # dynamic=False: a step and a reset have static shapes (one graph each per cache size).
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
 
 
-def compiled_decode(backend: str = "inductor") -> Callable[[PerceiverAR, Tensor, Tensor, KVCache], Tensor]:
-    """The decode step compiled by torch.compile: (model, tokens [B, F], positions, cache) -> logits [B, V].
+def compiled_decode(backend: str = "inductor") -> Callable[..., Tensor]:
+    """The decode step compiled by torch.compile: ``_decode_latents``'s arguments -> logits [B, V].
 
     fullgraph=True: the step has no graph break (tests/test_compile_decode.py
     checks one graph). The first call of each shape compiles (tens of seconds
@@ -92,63 +107,6 @@ def compiled_decode(backend: str = "inductor") -> Callable[[PerceiverAR, Tensor,
     if backend not in _COMPILED:
         _COMPILED[backend] = torch.compile(_decode_latents, backend=backend, fullgraph=True, dynamic=False)
     return _COMPILED[backend]
-
-
-def sample(
-    logits: Tensor,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    allowed_tokens: Sequence[int] | Tensor | None = None,
-) -> Tensor:
-    """One id per row from logits [B, V]; temperature 0 is greedy.
-
-    allowed_tokens, when given, are the only ids that can be drawn (an image
-    model draws pixel ids only); top_k and top_p then choose among them: top_k
-    keeps the k largest logits, top_p the smallest set of most likely ids whose
-    probability reaches p; the rest can never be drawn. PAD is never drawn:
-    inside a window it would read as the end of the sequence.
-    """
-    logits = logits.float().clone()
-    if allowed_tokens is not None:
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[torch.as_tensor(allowed_tokens, device=logits.device)] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
-    logits[:, PAD_ID] = float("-inf")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the most likely id always stays
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def _allowed_ids(allowed_tokens, vocab_size: int, device: torch.device) -> Tensor | None:
-    """``allowed_tokens`` checked and as a LongTensor on ``device``, once per generation."""
-    if allowed_tokens is None:
-        return None
-    ids = torch.as_tensor(allowed_tokens if torch.is_tensor(allowed_tokens) else list(allowed_tokens))
-    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
-        raise ValueError("allowed_tokens must be a list (or 1-D tensor) of integer token ids")
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"allowed_tokens must lie in [0, {vocab_size}), got ids {int(ids.min())}..{int(ids.max())}"
-        )
-    if not bool((ids != PAD_ID).any()):
-        raise ValueError(
-            f"allowed_tokens must hold at least one id other than PAD ({PAD_ID}), which is never drawn"
-        )
-    return ids.long().to(device)
 
 
 # ----------------------------------------------------------------------------
@@ -344,13 +302,15 @@ def generate_stream(
             inputs, latents = 1 << (inputs - 1).bit_length(), 1 << (latents - 1).bit_length()
         cache = KVCache.for_model(model, B, inputs, latents)
     history = _History(prompt, positions, max_new_tokens, cfg)
-    allowed = _allowed_ids(allowed_tokens, cfg.vocab_size, device)
+    allowed = allowed_ids(allowed_tokens, cfg.vocab_size, device)
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, allowed_tokens=allowed
     )
     decode = _decode_latents
     if compile:
         decode = compiled_decode("inductor" if compile is True else compile)
+    if cache is not None and device.type in PACKED_DEVICE_TYPES:
+        decode = functools.partial(decode, weights=packed_decode.pack(model))
     # Arguments are checked above, when generate_stream is called; the steps
     # run as the caller iterates.
     return _steps(model, history, cache, max_new_tokens, fill, sampling, stop, decode)
