@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .attention import KVBuffer, ModelCache, scaled_dot_product
 from .model import CrossAttend, LatentLayer, PerceiverAR, Rope
-from .rotary import apply_rotary, apply_rotary_
+from .rotary import apply_rotary_
 
 
 class PackedLinear:
@@ -133,8 +133,9 @@ def _attend_and_mlp(
 
 
 def _rotated(q: Tensor, k: Tensor, rope_q: Rope | None, rope_k: Rope | None) -> tuple[Tensor, Tensor]:
+    """q and k rotated in place: both are fresh projections that nothing else reads."""
     if rope_q is not None:
-        q = apply_rotary(q, *rope_q)
+        q = apply_rotary_(q, *rope_q)
     if rope_k is not None:
         k = apply_rotary_(k, *rope_k)
     return q, k
