@@ -131,7 +131,11 @@ def test_every_call_returns_valid_logits_or_raises_value_error(data):
             alone_kwargs["positions"] = kwargs["positions"][b : b + 1, :n]
         with torch.no_grad():
             alone = model(row, **alone_kwargs)
-        torch.testing.assert_close(out.logits[b, valid], alone.logits[0, alone.latent_index[0] >= 0])
+        # The padded batch runs masked attention, the row alone the mask-free full-row kernels:
+        # the same sums in another order, so fp32 rounding (about 1e-5 on logits of order 1).
+        torch.testing.assert_close(
+            out.logits[b, valid], alone.logits[0, alone.latent_index[0] >= 0], atol=1e-4, rtol=1e-4
+        )
         # Causality: changing the last token changes no prediction made before it.
         if n >= 2:
             changed = row.clone()
