@@ -94,7 +94,7 @@ def test_layouts_copies_and_shared_weights():
     assert weights.w1.transposed and weights.w1.weight.is_contiguous()
     for shared, linear in ((weights.out, attn.wo), (weights.w2, layer.feed_forward.w2)):
         assert not shared.transposed and shared.weight.data_ptr() == linear.weight.data_ptr()
-        assert shared.num_bytes == linear.bias.numel() * 4  # nothing copied but the bias reference
+        assert shared.bias.data_ptr() == linear.bias.data_ptr()  # nothing copied
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(weights.w1(x), layer.feed_forward.w1(x))
     torch.testing.assert_close(weights.out(x), attn.wo(x))
@@ -131,6 +131,11 @@ def test_generate_packs_on_the_cpu(monkeypatch):
     model = make_model()
     generation.generate(model, torch.randint(3, 259, (1, 5)), 4, temperature=0)
     assert len(calls) == 3  # the prime is a full forward; the three later steps are packed
+    packs = []
+    original_pack = generation.packed_decode.pack
+    monkeypatch.setattr(generation.packed_decode, "pack", lambda m: packs.append(1) or original_pack(m))
+    generation.generate(model, torch.randint(3, 259, (1, 5)), 1, temperature=0)
+    assert packs == [] and len(calls) == 3  # one new token is the prime alone: nothing to pack for
     monkeypatch.setattr(generation, "PACKED_DEVICE_TYPES", ())
     generation.generate(model, torch.randint(3, 259, (1, 5)), 4, temperature=0)
-    assert len(calls) == 3
+    assert packs == [] and len(calls) == 3

@@ -309,7 +309,7 @@ def generate_stream(
     decode = _decode_latents
     if compile:
         decode = compiled_decode("inductor" if compile is True else compile)
-    if cache is not None and device.type in PACKED_DEVICE_TYPES:
+    if cache is not None and max_new_tokens > 1 and device.type in PACKED_DEVICE_TYPES:  # a step will run
         decode = functools.partial(decode, weights=packed_decode.pack(model))
     # Arguments are checked above, when generate_stream is called; the steps
     # run as the caller iterates.

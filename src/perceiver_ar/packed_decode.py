@@ -57,12 +57,6 @@ class PackedLinear:
         weight = self.weight if self.transposed else self.weight.t()
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
 
-    @property
-    def num_bytes(self) -> int:
-        """Bytes this pack holds of its own (a shared weight costs nothing)."""
-        own = self.weight.numel() if self.transposed else 0
-        return (own + self.bias.numel()) * self.weight.element_size()
-
 
 @dataclass
 class PackedLayer:
@@ -82,12 +76,6 @@ class PackedWeights:
 
     cross: PackedLayer
     latent: list[PackedLayer]
-
-    @property
-    def num_bytes(self) -> int:
-        layers = [self.cross, *self.latent]
-        packs = [p for layer in layers for p in (layer.q, layer.kv, layer.out, layer.w1, layer.w2) if p]
-        return sum(p.num_bytes for p in packs)
 
 
 def pack(model: PerceiverAR) -> PackedWeights:
