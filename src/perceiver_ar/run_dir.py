@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -146,7 +147,7 @@ class RunLock:
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
-            holder = read_json(self.run_dir / LOCK_HOLDER) or {}
+            holder = self._holder()
             who = (
                 f"PID {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
             )
@@ -158,6 +159,16 @@ class RunLock:
             self.run_dir / LOCK_HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
         )
         return self
+
+    def _holder(self, wait: float = 2.0) -> dict:
+        """The holder's record. It is written just after the lock is taken, so a claim that lost the
+        race by microseconds waits a moment for it rather than naming nobody."""
+        deadline = time.monotonic() + wait
+        while True:
+            holder = read_json(self.run_dir / LOCK_HOLDER) or {}
+            if "pid" in holder or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.05)
 
     def release(self, abandon: bool = False) -> None:
         """Let go of the run. ``abandon``: the run failed before writing anything, so the files this
