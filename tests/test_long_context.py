@@ -360,6 +360,7 @@ BENCHMARKS = [
     "bench_context_parallel.py",
     "bench_prepare.py",
     "bench_context_benefit.py",
+    "bench_equal_time.py",
 ]
 
 
