@@ -45,7 +45,26 @@ Rope = tuple[Tensor, Tensor, Tensor | None]
 
 
 def squared_relu(x: Tensor) -> Tensor:
-    return F.relu(x).square()
+    return F.relu(x).square() if torch.compiler.is_compiling() else _SquaredReLU.apply(x)
+
+
+class _SquaredReLU(torch.autograd.Function):
+    """relu(x)^2 with a two-kernel backward, 2 relu(x) * grad (autograd's pow and relu backward take four).
+
+    Eager only: under torch.compile the plain form is traced and fused.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.mul(grad, r).mul_(2.0)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
