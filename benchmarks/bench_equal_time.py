@@ -58,6 +58,7 @@ RECIPES = {
     "fmnist": dict(
         context_len=785,
         num_latents=128,
+        modality="image",
         position_encoding="absolute",
         steps=650,
         warmup=50,
@@ -67,6 +68,7 @@ RECIPES = {
     "bach": dict(
         context_len=1024,
         num_latents=128,
+        modality="music",
         position_encoding="rotary",
         steps=450,
         warmup=40,
@@ -76,6 +78,7 @@ RECIPES = {
     "asterisk": dict(
         context_len=2048,
         num_latents=256,
+        modality="audio",
         position_encoding="rotary",
         steps=300,
         warmup=30,
@@ -86,6 +89,7 @@ RECIPES = {
 QUICK_RECIPE = dict(
     context_len=64,
     num_latents=16,
+    modality="copy",
     position_encoding="rotary",
     steps=6,
     warmup=2,
@@ -120,7 +124,10 @@ def train_config(recipe: dict, data: str, batch: int):
 
 
 def build(kind: str, cfg, store):
-    """The model and its loss on a batch: (model, loss(inputs, targets, positions, full_rows))."""
+    """(model, loss(inputs, targets, positions, full_rows), the PerceiverARConfig the recipe gives this data).
+
+    The decoder takes its sizes from that config; the batch checks use it for both.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -138,7 +145,7 @@ def build(kind: str, cfg, store):
             out = model(inputs, positions, full_rows=full_rows, validate=False)
             return perceiver_ar_loss(out.logits, targets, out.latent_index, model_cfg.z_loss).mean
 
-        return model, loss_fn
+        return model, loss_fn, model_cfg
     from plain_decoder import DecoderConfig, PlainDecoder
 
     model = PlainDecoder(
@@ -157,10 +164,10 @@ def build(kind: str, cfg, store):
         logits = model(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID)
 
-    return model, plain_loss
+    return model, plain_loss, model_cfg
 
 
-def train_loop(cfg, store, model, loss_fn, steps: int, warmup: int) -> dict:
+def train_loop(cfg, store, model, loss_fn, model_cfg, steps: int, warmup: int) -> dict:
     """``steps`` optimizer steps as the trainer takes them: crops, AdamW, warm-up + cosine, clipping."""
     import dataclasses
 
@@ -169,10 +176,8 @@ def train_loop(cfg, store, model, loss_fn, steps: int, warmup: int) -> dict:
     from perceiver_ar.loss import shift_events
     from perceiver_ar.samplers import check_batch, crops_to_batch, make_sampler
     from perceiver_ar.train import lr_at, make_optimizer
-    from perceiver_ar.train_config import build_model_config
 
     run_cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=warmup)
-    model_cfg = build_model_config(cfg, store)  # the batch checks (positions against the tables)
     N, M = model_cfg.context_len, model_cfg.num_latents
     split = store.split("train")
     sampler = make_sampler(cfg.sampler, split, N, M, cfg.seed)  # the same crops for both models
@@ -234,16 +239,17 @@ def run_one(case: dict) -> dict:
     recipe = case["recipe"]
     store = TokenStore(case["data"])
     cfg = train_config(recipe, case["data"], case["batch"])
-    model, loss_fn = build(case["kind"], cfg, store)
+    model, loss_fn, model_cfg = build(case["kind"], cfg, store)
     steps, warmup, calibration = recipe["steps"], recipe["warmup"], None
     if case.get("budget_s") is not None:
         # As many steps as fit in the budget: time a few on a throwaway copy first.
-        probe_model, probe_loss = build(case["kind"], cfg, store)
-        runs = train_loop(cfg, store, probe_model, probe_loss, case["probe_steps"], 1)["step_times"]
-        calibration = sorted(runs[1:])[len(runs[1:]) // 2]
+        probe_model, probe_loss, _ = build(case["kind"], cfg, store)
+        probe = train_loop(cfg, store, probe_model, probe_loss, model_cfg, case["probe_steps"], 1)
+        times = sorted(probe["step_times"][1:])  # the first step warms up
+        calibration = times[len(times) // 2]
         steps = max(1, round(case["budget_s"] / calibration))
         warmup = max(1, round(recipe["warmup"] * steps / recipe["steps"]))
-    result = train_loop(cfg, store, model, loss_fn, steps, warmup)
+    result = train_loop(cfg, store, model, loss_fn, model_cfg, steps, warmup)
     quality = score(case["kind"], model, recipe, store)
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -283,19 +289,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_stores(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
+    """The stores to run, {name: (path, recipe)}; a wrong argument is one line and exit code 2."""
+    from perceiver_ar.store import TokenStore, is_store
+    from perceiver_ar.train_config import build_model_config, check_model_fits_data
+
+    if args.batch < 1 or args.probe_steps < 2:
+        parser.error("--batch must be at least 1 and --probe-steps at least 2 (the first step warms up)")
+    todo = {name: (getattr(args, name), RECIPES[name]) for name in RECIPES if getattr(args, name)}
+    if not todo:
+        parser.error("give at least one store: --fmnist, --bach or --asterisk")
+    for name, (data, recipe) in todo.items():
+        if not is_store(data):
+            parser.error(f"--{name} {data}: not a data store; write one with `perceiver-ar prepare`")
+        store = TokenStore(data)
+        modality = store.meta.get("modality", "text")
+        if modality != recipe["modality"]:
+            parser.error(
+                f"--{name} {data}: the store holds {modality}, the recipe needs {recipe['modality']}"
+            )
+        try:
+            cfg = train_config(recipe, data, args.batch)
+            check_model_fits_data(build_model_config(cfg, store), cfg.sampler, store)
+        except ValueError as e:
+            parser.error(f"--{name} {data}: {e}")
+    return todo
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tmp = None
-    if args.quick:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_equal_time_")
-        todo = {"copy": (quick_store(tmp.name), QUICK_RECIPE)}
-        args.batch, args.probe_steps = 4, 3
-    else:
-        todo = {name: (getattr(args, name), RECIPES[name]) for name in RECIPES if getattr(args, name)}
-        if not todo:
-            raise SystemExit("give at least one store: --fmnist, --bach or --asterisk (see --help)")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_equal_time_") as tmp:
+        if args.quick:
+            args.batch, args.probe_steps = 4, 3
+            todo = {"copy": (quick_store(tmp), QUICK_RECIPE)}
+        else:
+            todo = check_stores(parser, args)
+        return measure(args, todo)
+
+
+def measure(args: argparse.Namespace, todo: dict[str, tuple[str, dict]]) -> int:
+    """Train and score both models on each store; print, save and plot the results."""
     watch = LoadWatch("bench_equal_time")
     rows, runs = [], {}
+    inline = run_one if args.quick else None
     for name, (data, recipe) in todo.items():
         base = {
             "data": data,
@@ -304,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "probe_steps": args.probe_steps,
         }
-        inline = run_one if args.quick else None
         par = run_case(__file__, {**base, "kind": "par"}, timeout=args.timeout, inline=inline)
         if "error" in par:
             raise SystemExit(f"{name}: the Perceiver AR run failed: {par['error']}")
@@ -357,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{load['load_average_end']}"
     )
     print(format_table(rows, cols))
+    results_name = "bench_equal_time_quick" if args.quick else "bench_equal_time"
     save_results(
-        "bench_equal_time_quick" if args.quick else "bench_equal_time",
+        results_name,
         {
             "machine": info,
             **load,
@@ -368,13 +405,11 @@ def main(argv: list[str] | None = None) -> int:
             "markdown": markdown_table(rows, cols),
         },
     )
-    plot(runs, todo, "bench_equal_time_quick" if args.quick else "bench_equal_time")
-    if tmp is not None:
-        tmp.cleanup()
+    plot(runs, {name: recipe["label"] for name, (_, recipe) in todo.items()}, name=results_name)
     return 0
 
 
-def plot(runs: dict, todo: dict, name: str) -> None:
+def plot(runs: dict, labels: dict[str, str], name: str) -> None:
     """Training loss against training seconds, one panel a data set; the test bits in the legend."""
     fig, axes = new_figure(ncols=len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
     for ax, (data, pair) in zip(axes[0], runs.items(), strict=True):
@@ -391,7 +426,7 @@ def plot(runs: dict, todo: dict, name: str) -> None:
             ax.plot(
                 seconds, smooth, color=color, label=f"{label}: {r['steps']} steps, test {r['test_bits']:.2f}"
             )
-        ax.set_title(todo[data][1]["label"], fontsize=9)
+        ax.set_title(labels[data], fontsize=9)
         ax.set_xlabel("training seconds")
         ax.set_ylabel("training loss, bits/token (own targets)")
         ax.legend(fontsize=8)

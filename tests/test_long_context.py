@@ -377,6 +377,29 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.parametrize(
+    "make_args,says",
+    [
+        (lambda copy, tmp: [], "give at least one store"),
+        (lambda copy, tmp: ["--bach", str(tmp / "missing")], "not a data store"),
+        (lambda copy, tmp: ["--fmnist", str(copy)], "the store holds copy, the recipe needs image"),
+        (lambda copy, tmp: ["--asterisk", str(copy), "--probe-steps", "1"], "--probe-steps at least 2"),
+    ],
+    ids=["no store", "missing", "wrong modality", "one probe step"],
+)
+def test_bench_equal_time_refuses_bad_arguments_in_one_line(make_args, says, tmp_path):
+    """Before any training process starts: one line naming the fix, exit code 2, nothing written."""
+    copy = write_copy_store(tmp_path / "copy", length=16, num_train=5, num_validation=3)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PERCEIVER_AR_BENCH_RESULTS=str(tmp_path / "results"))
+    args = [sys.executable, str(BENCH / "bench_equal_time.py"), *make_args(copy, tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and says in error_lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 def test_train_copy_curriculum_quick_run_reports_times_load_and_growth(tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PERCEIVER_AR_BENCH_RESULTS=str(tmp_path))
     script = str(BENCH / "train_copy.py")
