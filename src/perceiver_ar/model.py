@@ -49,7 +49,7 @@ def squared_relu(x: Tensor) -> Tensor:
 
 
 class _SquaredReLU(torch.autograd.Function):
-    """relu(x)^2 with a two-kernel backward, 2 relu(x) * grad (autograd's pow and relu backward take four).
+    """relu(x)^2 whose backward is two operations, 2 relu(x) * grad (autograd's pow and relu take four).
 
     Eager only: under torch.compile the plain form is traced and fused.
     """

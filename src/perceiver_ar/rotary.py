@@ -60,10 +60,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = Non
 
 
 class _RotatedCopy(torch.autograd.Function):
-    """``apply_rotary`` of an fp32 x in eager mode: one copy, then the complex multiply in place.
+    """Eager ``apply_rotary`` of an x in the tables' dtype: one copy, then the complex multiply in place.
 
-    The same numbers as slicing, rotating and concatenating, in fewer kernels
-    (a training step of a small model is mostly per-kernel cost): the
+    The same numbers as slicing, rotating and concatenating, in fewer operations
+    (a training step of a small model is mostly per-operator cost): the
     forward copies x once and turns its first r channels in place; the
     backward copies the gradient once and turns it back by the conjugate
     phase, where slicing would zero-fill and add two full-size gradients.
