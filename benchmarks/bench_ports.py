@@ -62,6 +62,7 @@ from pathlib import Path
 
 from common import (
     BENCH_DIR,
+    RESULTS_DIR,
     LoadWatch,
     case_argument,
     format_table,
@@ -629,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         bw_text = f"{bandwidth_gb_s:.1f} GB/s" if bandwidth_gb_s else "not measured"
         print(f"\nGreedy decoding, batch 1 (memory bandwidth {bw_text}; {head})")
         print(format_table(decode, DECODE_COLS))
-    name = "bench_ports_quick" if args.quick else "bench_ports"
+    name = result_name(args)
+    print(f"results: {RESULTS_DIR / name}.json and .png", flush=True)
     save_results(
         name,
         {
@@ -646,6 +648,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot(name, train, decode)
     return 0
+
+
+def result_name(args: argparse.Namespace) -> str:
+    """``bench_ports`` for a run of every size and mode; a partial run is named by what it ran.
+
+    So a run of a few sizes never replaces the full run's JSON and plot.
+    """
+    if args.quick:
+        return "bench_ports_quick"
+    parts = []
+    for mode, chosen, sizes in (
+        ("train", args.train_sizes, TRAIN_SIZES),
+        ("decode", args.decode_sizes, DECODE_SIZES),
+    ):
+        if mode not in args.modes:
+            continue
+        every = not chosen or sorted(set(chosen)) == list(range(len(sizes)))
+        parts.append(mode if every else mode + "-".join(map(str, chosen)))
+    return "bench_ports" if parts == ["train", "decode"] else "bench_ports_" + "_".join(parts)
 
 
 def plot(name: str, train: list[dict], decode: list[dict]) -> None:

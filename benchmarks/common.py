@@ -209,6 +209,7 @@ def run_case(
     extra_args: Sequence[str] = (),
     inline: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     src: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``python script --case JSON`` in a fresh process and return its report.
 
@@ -218,14 +219,15 @@ def run_case(
     ``inline`` runs the case in this process instead (``--quick`` smoke
     tests: no torch start-up per case, memory numbers meaningless). ``src``
     puts another source tree of the library first on the path (for example
-    one with a proposed patch applied).
+    one with a proposed patch applied). ``env`` adds to (or overrides) the
+    case's environment, which otherwise is this one with ``OMP_WAIT_POLICY=PASSIVE``.
     """
     if inline is not None:
         result = inline(case)
         result.setdefault("peak_rss_mb", peak_rss_mb())
         return result
     cmd = [python, str(script), *extra_args, "--case", json.dumps(case)]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     paths = (src or "", str(BENCH_DIR), env.get("PYTHONPATH", ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -361,6 +361,7 @@ BENCHMARKS = [
     "bench_prepare.py",
     "bench_context_benefit.py",
     "bench_equal_time.py",
+    "bench_threads.py",
 ]
 
 
@@ -375,6 +376,24 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
+
+
+def test_bench_ports_names_a_partial_run_apart(monkeypatch):
+    """Only a run of every size in both modes writes bench_ports.json/.png; a partial run has its own name."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_ports
+
+    def name(*argv: str) -> str:
+        return bench_ports.result_name(bench_ports.build_parser().parse_args(list(argv)))
+
+    every_train = [str(i) for i in range(len(bench_ports.TRAIN_SIZES))]
+    assert name() == "bench_ports"
+    assert name("--train-sizes", *reversed(every_train), "--extra-src", "before=/tmp/src") == "bench_ports"
+    assert name("--modes", "train", "--train-sizes", "0", "1") == "bench_ports_train0-1"
+    assert name("--modes", "train") == "bench_ports_train"
+    assert name("--modes", "decode", "--decode-sizes", "2") == "bench_ports_decode2"
+    assert name("--train-sizes", "3", "--decode-sizes", "0") == "bench_ports_train3_decode0"
+    assert name("--quick") == "bench_ports_quick"
 
 
 @pytest.mark.parametrize(
