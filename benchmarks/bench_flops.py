@@ -6,7 +6,10 @@ over what the causal kernels compute: a latent reads all T - M prefix inputs
 and, causally, half of the M x M square on average (flash kernels skip the
 blocks above the diagonal), and each latent layer half of its M x M square;
 the backward counts as 2x the forward. The peak is the median rate of a
-square fp32 ``torch.mm`` on the same threads, measured in its own process.
+square fp32 ``torch.mm`` on the same threads, measured in its own process;
+each model process also measures it just before and just after its steps,
+and "of that peak" is the median over rounds of each process's rate against
+the peak it measured (the machine's speed drifts between processes).
 Each case (the peak among them) runs in a fresh process once per round, the
 order alternating over ``--rounds`` rounds; the table gives medians and the
 JSON keeps every run. The load average is printed at the start and the end.
@@ -65,15 +68,20 @@ def training_flops(cfg: dict, n: int, m: int, batch: int) -> float:
     return 3.0 * sum(forward_flops(cfg, n, m, batch).values())
 
 
+def matmul_gflops(size: int, repeats: int) -> tuple[float, list[float]]:
+    """The rate of a square fp32 ``torch.mm`` of side ``size``: GFLOP/s (median) and every time."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = timed(lambda: torch.mm(a, b), repeats=repeats, warmup=2)
+    return 2 * size**3 / median(times) / 1e9, times
+
+
 def run_one(case: dict) -> dict:
     threads = set_threads(case["threads"])
     if case["kind"] == "matmul":
-        import torch
-
-        size = case["size"]
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        times = timed(lambda: torch.mm(a, b), repeats=case["repeats"], warmup=2)
-        return {"gflops": 2 * size**3 / median(times) / 1e9, "times": times, "threads": threads}
+        gflops, times = matmul_gflops(case["size"], case["repeats"])
+        return {"gflops": gflops, "times": times, "threads": threads}
 
     from common import build_model, make_train_step, random_batch
 
@@ -81,8 +89,13 @@ def run_one(case: dict) -> dict:
     model = build_model(cfg)
     inputs, targets = random_batch(case["batch"], cfg["context_len"])
     step = make_train_step(model, inputs, targets, num_latents=case["num_latents"])
+    # The peak again in this process, just before and just after the steps: the
+    # machine's speed drifts between processes, so the fraction of peak is taken
+    # against a peak measured under the same conditions as the steps.
+    before, _ = matmul_gflops(case["peak_size"], case["peak_repeats"])
     times = timed(step, repeats=case["repeats"], warmup=1)
-    return {"step_s": median(times), "times": times, "threads": threads}
+    after, _ = matmul_gflops(case["peak_size"], case["peak_repeats"])
+    return {"step_s": median(times), "times": times, "threads": threads, "peak_gflops": [before, after]}
 
 
 CASES = [
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             "num_latents": m,
             "batch": batch,
             "repeats": args.repeats,
+            "peak_size": args.matmul_size,
+            "peak_repeats": 2 * args.repeats,
         }
     for spec in specs.values():
         spec["threads"] = args.threads
@@ -164,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             row["step_s"] = step_s
             row["achieved_gflops"] = flops / step_s / 1e9
             row["fraction_of_peak"] = row["achieved_gflops"] / peak_gflops
+            # Each process's steps against the peak it measured around them, then the median.
+            fractions = [
+                flops / r["step_s"] / 1e9 / median(r["peak_gflops"])
+                for r in ok_runs(runs[key])
+                if "peak_gflops" in r
+            ]
+            if fractions:
+                row["fraction_of_own_peak"] = median(fractions)
+                row["own_peak_gflops"] = median([x for r in ok_runs(runs[key]) for x in r["peak_gflops"]])
         row["parts"] = forward_flops(cfg, n, m, batch)
         rows.append(row)
     load = watch.finish()
@@ -178,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         ("step_s", "s/step", ".2f"),
         ("achieved_gflops", "achieved GFLOP/s", ".1f"),
         ("fraction_of_peak", "of matmul peak", ".0%"),
+        ("own_peak_gflops", "peak in its processes", ".1f"),
+        ("fraction_of_own_peak", "of that peak (median of rounds)", ".0%"),
     ]
     print(
         f"\nE=D={args.width}, {args.heads} heads, L={args.layers}; fp32 matmul peak "

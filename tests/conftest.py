@@ -37,3 +37,22 @@ def make_model(position_encoding="rotary", seed=0, **overrides):
     )
     cfg.update(overrides)
     return PerceiverAR(PerceiverARConfig(**cfg)).eval()
+
+
+def tiny_train_config(data, out, **overrides):
+    """A ``TrainConfig`` of a few quiet steps of the tiny preset: no evaluation, no progress bar, 1 thread."""
+    from perceiver_ar.train import TrainConfig
+
+    settings = dict(
+        data=str(data),
+        out=str(out),
+        preset="tiny",
+        steps=2,
+        batch_size=2,
+        eval_every=0,
+        progress=False,
+        tensorboard=False,
+        threads=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)

@@ -8,7 +8,8 @@ import pytest
 
 from perceiver_ar.cli import main
 from perceiver_ar.data import prepare_text
-from perceiver_ar.train import TrainConfig, train
+from perceiver_ar.train import train
+from tests.conftest import tiny_train_config
 from tests.test_data import make_corpus
 from tests.test_store_safety import snapshot
 
@@ -30,20 +31,7 @@ def workspace(tmp_path_factory):
     prepare_text(
         [root / "corpus"], root / "bpe", tokenizer="bpe", bpe_vocab_size=259, validation_fraction=0.5
     )
-    train(
-        TrainConfig(
-            data=str(root / "store"),
-            out=str(root / "run"),
-            preset="tiny",
-            steps=2,
-            batch_size=2,
-            model={"context_len": 32, "num_latents": 8},
-            eval_every=0,
-            progress=False,
-            tensorboard=False,
-            threads=1,
-        )
-    )
+    train(tiny_train_config(root / "store", root / "run", model={"context_len": 32, "num_latents": 8}))
     shutil.copytree(root / "run" / "model", root / "corrupt_model")
     weights = root / "corrupt_model" / "model.safetensors"
     data = bytearray(weights.read_bytes())

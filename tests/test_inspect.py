@@ -21,8 +21,8 @@ from perceiver_ar.attention import CrossMask, Masks, attention_weights, cross_vi
 from perceiver_ar.attention_maps import cross_attention_map
 from perceiver_ar.cli import main
 from perceiver_ar.data import prepare_text
-from perceiver_ar.train import TrainConfig, train
-from tests.conftest import make_model
+from perceiver_ar.train import train
+from tests.conftest import make_model, tiny_train_config
 from tests.test_data import make_corpus
 
 
@@ -146,20 +146,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
     make_corpus(root / "corpus", num_docs=4, base_len=300)
     prepare_text([root / "corpus"], root / "store", validation_fraction=0.5)
-    train(
-        TrainConfig(
-            data=str(root / "store"),
-            out=str(root / "run"),
-            preset="tiny",
-            steps=2,
-            batch_size=2,
-            model={"context_len": 64, "num_latents": 16},
-            eval_every=0,
-            progress=False,
-            tensorboard=False,
-            threads=1,
-        )
-    )
+    train(tiny_train_config(root / "store", root / "run", model={"context_len": 64, "num_latents": 16}))
     return root
 
 

@@ -13,7 +13,8 @@ from perceiver_ar.evaluate import evaluate_store
 from perceiver_ar.modalities.audio import prepare_audio
 from perceiver_ar.provenance import from_store_meta
 from perceiver_ar.store import TokenStore
-from perceiver_ar.train import TrainConfig, train
+from perceiver_ar.train import train
+from tests.conftest import tiny_train_config
 from tests.test_data import make_corpus
 
 
@@ -54,20 +55,7 @@ def model_for(store_dir, directory):
 
 def test_train_records_the_store_in_the_model(stores, tmp_path):
     run = tmp_path / "run"
-    train(
-        TrainConfig(
-            data=stores["bpe"],
-            out=str(run),
-            preset="tiny",
-            model={"context_len": 32, "num_latents": 8},
-            steps=1,
-            batch_size=2,
-            eval_every=0,
-            progress=False,
-            tensorboard=False,
-            threads=1,
-        )
-    )
+    train(tiny_train_config(stores["bpe"], run, model={"context_len": 32, "num_latents": 8}, steps=1))
     record = json.loads((run / "model" / "provenance.json").read_text())
     meta = TokenStore(stores["bpe"]).meta
     assert record["modality"] == "text" and record["tokenizer"] == meta["tokenizer"]  # the BPE itself
@@ -88,17 +76,7 @@ def test_eval_refuses_a_store_with_another_tokenizer_of_the_same_size(stores, tm
 
 def test_train_init_from_refuses_other_data(stores, tmp_path):
     model_for(stores["bytes"], tmp_path / "m")
-    cfg = TrainConfig(
-        data=stores["audio"],
-        out=str(tmp_path / "run"),
-        preset="tiny",
-        init_from=str(tmp_path / "m"),
-        steps=1,
-        batch_size=2,
-        progress=False,
-        tensorboard=False,
-        threads=1,
-    )
+    cfg = tiny_train_config(stores["audio"], tmp_path / "run", init_from=str(tmp_path / "m"), steps=1)
     with pytest.raises(ValueError, match="was trained on text"):
         train(cfg)
 
