@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if fractions:
                 row["fraction_of_own_peak"] = median(fractions)
-                row["own_peak_gflops"] = median([x for r in ok_runs(runs[key]) for x in r["peak_gflops"]])
+                # The divisor of each process (the median of its two peaks), median over processes.
+                row["own_peak_gflops"] = median([median(r["peak_gflops"]) for r in ok_runs(runs[key])])
         row["parts"] = forward_flops(cfg, n, m, batch)
         rows.append(row)
     load = watch.finish()
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         ("step_s", "s/step", ".2f"),
         ("achieved_gflops", "achieved GFLOP/s", ".1f"),
         ("fraction_of_peak", "of matmul peak", ".0%"),
-        ("own_peak_gflops", "peak in its processes", ".1f"),
-        ("fraction_of_own_peak", "of that peak (median of rounds)", ".0%"),
+        ("own_peak_gflops", "own peak (median of processes)", ".1f"),
+        ("fraction_of_own_peak", "median of rate / own peak", ".0%"),
     ]
     print(
         f"\nE=D={args.width}, {args.heads} heads, L={args.layers}; fp32 matmul peak "

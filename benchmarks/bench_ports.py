@@ -653,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
 def result_name(args: argparse.Namespace) -> str:
     """``bench_ports`` for a run of every size and mode; a partial run is named by what it ran.
 
-    So a run of a few sizes never replaces the full run's JSON and plot.
+    So a run of a few sizes, or with other rounds, threads or repeats, never
+    replaces the full run's JSON and plot.
     """
     if args.quick:
         return "bench_ports_quick"
@@ -666,6 +667,10 @@ def result_name(args: argparse.Namespace) -> str:
             continue
         every = not chosen or sorted(set(chosen)) == list(range(len(sizes)))
         parts.append(mode if every else mode + "-".join(map(str, chosen)))
+    defaults = build_parser().parse_args([])
+    settings = ("threads", "rounds", "repeats", "min_block", "uncached_tokens", "bandwidth_size")
+    if any(getattr(args, k) != getattr(defaults, k) for k in settings):
+        parts.append("settings")  # fewer rounds, other threads...: not comparable with the full run
     return "bench_ports" if parts == ["train", "decode"] else "bench_ports_" + "_".join(parts)
 
 

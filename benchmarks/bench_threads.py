@@ -72,7 +72,16 @@ POLICIES = {
 }
 SETTINGS = ["alone", "beside a busy process", "two at once"]
 DEFAULT = ("PASSIVE", 2, "alone")  # what a user of this library gets on an idle 2-core machine
-BUSY_LOOP = "import time\nwhile True:\n    time.perf_counter()\n"
+# One core's worth of other work; it ends by itself at its deadline (argv[1], seconds) or
+# when the benchmark that started it is gone, even if that one is killed outright.
+BUSY_LOOP = (
+    "import os, sys, time\n"
+    "end, parent = time.monotonic() + float(sys.argv[1]), os.getppid()\n"
+    "while time.monotonic() < end and os.getppid() == parent:\n"
+    "    time.perf_counter()\n"
+)
+# A pair starts its timed steps together: this many seconds after launch (start-up takes 3-8 s).
+PAIR_START_DELAY_S = 15.0
 
 
 def run_one(case: dict) -> dict:
@@ -100,6 +109,8 @@ def run_one(case: dict) -> dict:
     step = make_train_step(model, inputs, targets)
     for _ in range(3):
         step()
+    if case.get("start_at"):  # the pair's common start (wall clock), so their steps overlap
+        time.sleep(max(0.0, case["start_at"] - time.time()))
     times = []
     end = time.perf_counter() + case["seconds"]
     while time.perf_counter() < end or len(times) < 3:
@@ -119,12 +130,13 @@ def run_one(case: dict) -> dict:
 def run_setting(case: dict, setting: str, env: dict[str, str], timeout: float) -> list[dict]:
     """The case's processes in one setting: one, one beside a busy loop, or two at once."""
     if setting == "two at once":
+        pair = {**case, "start_at": time.time() + PAIR_START_DELAY_S}
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(run_case, __file__, case, env=env, timeout=timeout) for _ in range(2)]
+            futures = [pool.submit(run_case, __file__, pair, env=env, timeout=timeout) for _ in range(2)]
             return [f.result() for f in futures]
     busy = None
     if setting == "beside a busy process":
-        busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+        busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(timeout)])
     try:
         return [run_case(__file__, case, env=env, timeout=timeout)]
     finally:
@@ -201,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {n: SIZES[n] for n in args.sizes}
     if args.quick:
         sizes = QUICK_SIZE
-        args.policies, args.threads, args.settings = ["PASSIVE"], [1], SETTINGS
+        args.sizes, args.policies, args.threads, args.settings = list(QUICK_SIZE), ["PASSIVE"], [1], SETTINGS
         args.rounds, args.seconds = 1, 0.3
-    if min(args.threads) < 1 or args.rounds < 1 or args.seconds <= 0:
-        print("bench_threads: --threads, --rounds and --seconds must be positive", file=sys.stderr)
+    for key in ("sizes", "policies", "threads", "settings"):  # a choice given twice runs once
+        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
+    if min(args.threads) < 1 or args.rounds < 1 or args.seconds <= 0 or args.timeout <= 0:
+        print("bench_threads: --threads, --rounds, --seconds and --timeout must be positive", file=sys.stderr)
         return 2
     watch = LoadWatch("bench_threads")
     info = machine_info(max(args.threads))
@@ -231,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def result_name(args: argparse.Namespace) -> str:
-    """``bench_threads`` for the default cases; a run of fewer never replaces its JSON and plot."""
+    """``bench_threads`` for the default cases, rounds and seconds; any other run never replaces its files."""
     defaults = build_parser().parse_args([])
     chosen = ("sizes", "policies", "threads", "settings")
     full = all(sorted(getattr(args, k)) == sorted(getattr(defaults, k)) for k in chosen)
+    full = full and (args.rounds, args.seconds) == (defaults.rounds, defaults.seconds)
     return "bench_threads" if full else "bench_threads_partial"
 
 

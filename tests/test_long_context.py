@@ -394,6 +394,21 @@ def test_bench_ports_names_a_partial_run_apart(monkeypatch):
     assert name("--modes", "decode", "--decode-sizes", "2") == "bench_ports_decode2"
     assert name("--train-sizes", "3", "--decode-sizes", "0") == "bench_ports_train3_decode0"
     assert name("--quick") == "bench_ports_quick"
+    assert name("--rounds", "1") == "bench_ports_train_decode_settings"
+    assert name("--compile", "--extra-src", "before=/tmp/src") == "bench_ports"
+
+
+def test_bench_threads_names_a_partial_run_apart(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_threads
+
+    def name(*argv: str) -> str:
+        return bench_threads.result_name(bench_threads.build_parser().parse_args(list(argv)))
+
+    assert name() == "bench_threads"
+    assert name("--sizes", "demo", "small", "--threads", "2", "1") == "bench_threads"
+    assert name("--sizes", "small") == name("--settings", "alone") == "bench_threads_partial"
+    assert name("--rounds", "1") == name("--seconds", "2") == "bench_threads_partial"
 
 
 @pytest.mark.parametrize(
