@@ -42,14 +42,12 @@ import time
 from common import (
     LoadWatch,
     case_argument,
-    format_table,
     machine_info,
-    markdown_table,
     new_figure,
     report_case,
+    report_table,
     run_case,
     save_figure,
-    save_results,
     set_threads,
 )
 
@@ -386,25 +384,14 @@ def measure(args: argparse.Namespace, todo: dict[str, tuple[str, dict]]) -> int:
         ("test_bits", "test bits/token", ".3f"),
         ("unigram_bits", "unigram", ".3f"),
     ]
-    print(
-        f"\nE=D={WIDTH}, {HEADS} heads, L={LAYERS} (decoder: {LAYERS + 1} blocks), batch {args.batch},"
+    title = (
+        f"E=D={WIDTH}, {HEADS} heads, L={LAYERS} (decoder: {LAYERS + 1} blocks), batch {args.batch},"
         f" lr {LR}; "
         f"{info['threads']} threads, {info['cpu']}; load average {load['load_average_start']} -> "
         f"{load['load_average_end']}"
     )
-    print(format_table(rows, cols))
     results_name = "bench_equal_time_quick" if args.quick else "bench_equal_time"
-    save_results(
-        results_name,
-        {
-            "machine": info,
-            **load,
-            "args": vars(args),
-            "rows": rows,
-            "runs": runs,
-            "markdown": markdown_table(rows, cols),
-        },
-    )
+    report_table(results_name, title, rows, cols, {"machine": info, **load, "args": vars(args), "runs": runs})
     plot(runs, {name: recipe["label"] for name, (_, recipe) in todo.items()}, name=results_name)
     return 0
 

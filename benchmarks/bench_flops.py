@@ -26,17 +26,15 @@ import sys
 from common import (
     LoadWatch,
     case_argument,
-    format_table,
     machine_info,
-    markdown_table,
     median,
     median_of,
     new_figure,
     ok_runs,
     report_case,
+    report_table,
     run_rounds,
     save_figure,
-    save_results,
     set_threads,
     timed,
 )
@@ -206,26 +204,21 @@ def main(argv: list[str] | None = None) -> int:
         ("own_peak_gflops", "own peak (median of processes)", ".1f"),
         ("fraction_of_own_peak", "median of rate / own peak", ".0%"),
     ]
-    print(
-        f"\nE=D={args.width}, {args.heads} heads, L={args.layers}; fp32 matmul peak "
+    title = (
+        f"E=D={args.width}, {args.heads} heads, L={args.layers}; fp32 matmul peak "
         f"{peak_gflops:.1f} GFLOP/s (median of {len(peaks)}: {', '.join(f'{x:.1f}' for x in peaks)}); "
         f"medians of {args.rounds} alternating rounds of fresh processes; {info['threads']} threads, "
         f"{info['cpu']}; load average {load['load_average_start']} -> {load['load_average_end']}"
     )
-    print(format_table(rows, cols))
     name = "bench_flops_quick" if args.quick else "bench_flops"
-    save_results(
-        name,
-        {
-            "machine": info,
-            **load,
-            "args": vars(args),
-            "matmul_peak_gflops": peaks,
-            "matmul_runs": runs["matmul peak"],
-            "rows": rows,
-            "markdown": markdown_table(rows, cols),
-        },
-    )
+    payload = {
+        "machine": info,
+        **load,
+        "args": vars(args),
+        "matmul_peak_gflops": peaks,
+        "matmul_runs": runs["matmul peak"],
+    }
+    report_table(name, title, rows, cols, payload)
 
     fig, ax = new_figure(figsize=(7, 4))
     labels = [f"{r['model']}\nN={r['N']} M={r['M']} B={r['batch']}" for r in rows]

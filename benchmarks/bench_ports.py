@@ -66,6 +66,7 @@ from common import (
     LoadWatch,
     case_argument,
     format_table,
+    grouped_bars,
     machine_info,
     markdown_table,
     matvec_bandwidth,
@@ -682,25 +683,9 @@ def plot(name: str, train: list[dict], decode: list[dict]) -> None:
     panels = [p for p in panels if p[0]]
     fig, axes = new_figure(ncols=max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4), squeeze=False)
     for ax, (rows, key, title) in zip(axes[0], panels, strict=False):
-        labels = list(dict.fromkeys(r["impl"] for r in rows))
-        sizes = list(dict.fromkeys((r["N"], r["M"]) for r in rows))
-        width = 0.8 / len(labels)
-        for j, impl in enumerate(labels):
-            pts = [
-                (i, r[key])
-                for i, sz in enumerate(sizes)
-                for r in rows
-                if (r["N"], r["M"]) == sz and r["impl"] == impl and key in r
-            ]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.bar(
-                    [x + width * (j - (len(labels) - 1) / 2) for x in xs],
-                    ys,
-                    width=width,
-                    color=f"C{j}",
-                    label=impl,
-                )
+        sizes = grouped_bars(
+            ax, rows, group=lambda r: (r["N"], r["M"]), series=lambda r: r["impl"], value=key
+        )
         ax.set_xticks(range(len(sizes)), [f"N={n}\nM={m}" for n, m in sizes])
         ax.set_yscale("log")
         ax.set_title(f"{title} (higher is better)")

@@ -44,17 +44,16 @@ from common import (
     alternating,
     build_model,
     case_argument,
-    format_table,
+    grouped_bars,
     machine_info,
     make_train_step,
-    markdown_table,
     median,
     new_figure,
     random_batch,
     report_case,
+    report_table,
     run_case,
     save_figure,
-    save_results,
     set_threads,
     timed,
 )
@@ -233,13 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         f"alternating rounds of {args.seconds:g} s processes; load average {load['load_average_start']} -> "
         f"{load['load_average_end']}"
     )
-    print(f"\nOpenMP wait policy and threads ({head})")
-    print(format_table(rows, COLS))
     name = "bench_threads_quick" if args.quick else result_name(args)
-    save_results(
-        name,
-        {"machine": info, **load, "args": vars(args), "rows": rows, "markdown": markdown_table(rows, COLS)},
-    )
+    title = f"OpenMP wait policy and threads ({head})"
+    report_table(name, title, rows, COLS, {"machine": info, **load, "args": vars(args)})
     plot(name, rows, list(sizes))
     return 0
 
@@ -256,21 +251,14 @@ def result_name(args: argparse.Namespace) -> str:
 def plot(name: str, rows: list[dict], sizes: list[str]) -> None:
     fig, axes = new_figure(ncols=len(sizes), figsize=(6.5 * len(sizes), 4.2), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
-        here = [r for r in rows if r["size"] == size]
-        settings = list(dict.fromkeys(r["setting"] for r in here))
-        variants = list(dict.fromkeys((r["policy"], r["threads"]) for r in here))
-        width = 0.8 / len(variants)
-        for j, (policy, threads) in enumerate(variants):
-            pts = [
-                (i, r["step_ms"])
-                for i, s in enumerate(settings)
-                for r in here
-                if r["setting"] == s and (r["policy"], r["threads"]) == (policy, threads) and "step_ms" in r
-            ]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                offsets = [x + width * (j - (len(variants) - 1) / 2) for x in xs]
-                ax.bar(offsets, ys, width=width, color=f"C{j}", label=f"{policy}, {threads} thr")
+        settings = grouped_bars(
+            ax,
+            [r for r in rows if r["size"] == size],
+            group=lambda r: r["setting"],
+            series=lambda r: (r["policy"], r["threads"]),
+            value="step_ms",
+            label=lambda v: f"{v[0]}, {v[1]} thr",
+        )
         ax.set_xticks(range(len(settings)), settings, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("ms per training step (lower is better)")

@@ -318,6 +318,43 @@ def save_results(name: str, payload: dict[str, Any], out_dir: Path | None = None
     return path
 
 
+def report_table(
+    name: str,
+    title: str,
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str, str]],
+    payload: dict[str, Any],
+) -> Path:
+    """Print ``title`` and the table of ``rows``; save ``payload`` with the rows and their markdown table."""
+    print(f"\n{title}")
+    print(format_table(rows, columns))
+    return save_results(name, {**payload, "rows": rows, "markdown": markdown_table(rows, columns)})
+
+
+def grouped_bars(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    group: Callable[[dict[str, Any]], Any],
+    series: Callable[[dict[str, Any]], Any],
+    value: str,
+    label: Callable[[Any], str] = str,
+) -> list[Any]:
+    """Bars of ``row[value]``: a cluster per ``group(row)``, a colour per ``series(row)``, first-seen order.
+
+    Rows without ``value`` leave a gap. Returns the groups (the x positions 0, 1, ...).
+    """
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    names = list(dict.fromkeys(series(r) for r in rows))
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        pts = [(groups.index(group(r)), r[value]) for r in rows if series(r) == name and value in r]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            offset = width * (j - (len(names) - 1) / 2)
+            ax.bar([x + offset for x in xs], ys, width=width, color=f"C{j}", label=label(name))
+    return groups
+
+
 def new_figure(**kwargs: Any):
     import matplotlib
 
