@@ -42,9 +42,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -481,27 +483,41 @@ def time_training(rt, cfg, batch: int, compile_backend: str | None, steps: dict)
     }
 
 
-def section_throughput(rt, sizes: dict, backend: str, quick: bool) -> tuple[list[dict], float]:
-    import torch
-
-    peak = matmul_peak(rt.device, rt.dtype, quick)
-    rows = []
+def throughput_cases(
+    sizes: dict, backend: str, compiled_pass: bool
+) -> list[tuple[str, int, int, int, str | None]]:
+    """(model, N, M, batch, compile backend or None) of one pass: eager cases, or the compiled ones."""
+    cases = []
     for size in sizes["throughput"]:
         N, M, batch = size["N"], size["M"], size["batch"]
-        for model_name, m, compile_options in (("perceiver_ar", M, (None, backend)), ("decoder", N, (None,))):
-            for option in compile_options:
-                cfg = model_config(sizes, N, m)
-                try:
-                    r = time_training(rt, cfg, batch, option, sizes["steps"])
-                    r["mfu"] = r["flops_per_step"] / r["step_s"] / peak
-                except torch.OutOfMemoryError:
-                    r = {"error": "out of memory"}
-                rows.append(
-                    {"model": model_name, "N": N, "M": m, "batch": batch, "compile": option or "no", **r}
-                )
-                if rt.device.type == "cuda":
-                    torch.cuda.empty_cache()
-    return rows, peak
+        if compiled_pass:
+            cases.append(("perceiver_ar", N, M, batch, backend))
+        else:
+            cases += [("perceiver_ar", N, M, batch, None), ("decoder", N, N, batch, None)]
+    return cases
+
+
+def section_throughput(
+    rt, sizes: dict, backend: str, peak: float, compiled_pass: bool, deadline: float
+) -> list[dict]:
+    """Training speed of each case of the pass; a case that would start after ``deadline`` is skipped."""
+    import torch
+
+    rows = []
+    for model_name, N, m, batch, option in throughput_cases(sizes, backend, compiled_pass):
+        row = {"model": model_name, "N": N, "M": m, "batch": batch, "compile": option or "no"}
+        if time.perf_counter() > deadline:
+            rows.append({**row, "error": "skipped: time budget spent"})
+            continue
+        try:
+            r = time_training(rt, model_config(sizes, N, m), batch, option, sizes["steps"])
+            r["mfu"] = r["flops_per_step"] / r["step_s"] / peak
+        except torch.OutOfMemoryError:
+            r = {"error": "out of memory"}
+        rows.append({**row, **r})
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def section_memory(rt, sizes: dict) -> dict[str, Any]:
@@ -523,8 +539,33 @@ def section_memory(rt, sizes: dict) -> dict[str, Any]:
     return {"N": size["N"], "M": size["M"], "batch": size["batch"], "peak_gb": peak, "measure": what}
 
 
-def section_decode(rt, sizes: dict, backend: str) -> list[dict]:
+def copy_bandwidth(device, quick: bool) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written (median of 5)."""
     import torch
+
+    n = 2**22 if quick else 2**29  # fp32 elements: 16 MiB, or 2 GiB on a GPU
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / median(times)
+
+
+def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> list[dict]:
+    """Cached greedy decode at batch 1, eager (``option`` None) or with the step compiled by ``option``.
+
+    Next to tokens/s: the bytes a step must read (``bench_ports.decode_bytes_per_token``:
+    every weight once, the cross-attend cache and the latent caches once), the GB/s that
+    makes, and that as a fraction of the device's copy bandwidth measured in this run.
+    """
+    import torch
+    from bench_ports import decode_bytes_per_token
 
     from perceiver_ar import PerceiverAR, PerceiverARConfig
     from perceiver_ar.generate import generate
@@ -534,26 +575,30 @@ def section_decode(rt, sizes: dict, backend: str) -> list[dict]:
     cfg = PerceiverARConfig.from_preset(d["preset"], final_layer_init_zeros=False)
     model = rt.for_inference(PerceiverAR(cfg))
     prompt = torch.randint(3, cfg.vocab_size, (1, d["prompt"]), device=rt.device)
-    rows = []
-    for option in (False, backend):
-        row = {
+    # generate(compile=...) compiles the one-token step (and the reset's) once per
+    # cache size: the warm-up generates as many tokens as the timed run, so the
+    # timed run reuses the compiled steps.
+    kwargs = {"compile": True if option == "inductor" else option} if option else {}
+    generate(model, prompt, d["new"] if option else min(d["new"], 8), temperature=0, **kwargs)
+    out = generate(model, prompt, d["new"], temperature=0, **kwargs)
+    per_token = decode_bytes_per_token(model, d["prompt"], d["new"])["bytes_per_token"]
+    tok_s = out.decode_tokens_per_second
+    return [
+        {
             "N": cfg.context_len,
             "M": cfg.num_latents,
             "prompt": d["prompt"],
             "new_tokens": d["new"],
             "compile": option or "no",
             "dtype": str(rt.dtype).removeprefix("torch."),
+            "decode_tokens_per_s": tok_s,
+            "ms_per_token": 1e3 / tok_s,
+            "prefill_s": out.prefill_seconds,
+            "mb_per_token": per_token / 1e6,
+            "achieved_gb_s": per_token * tok_s / 1e9,
+            "fraction_of_bandwidth": per_token * tok_s / bandwidth,
         }
-        # generate(compile=...) compiles the one-token step (and the reset's) once per
-        # cache size: the warm-up generates as many tokens as the timed run, so the
-        # timed run reuses the compiled steps.
-        kwargs = {"compile": True if option == "inductor" else option} if option else {}
-        generate(model, prompt, d["new"] if option else min(d["new"], 8), temperature=0, **kwargs)
-        out = generate(model, prompt, d["new"], temperature=0, **kwargs)
-        rows.append(
-            {**row, "decode_tokens_per_s": out.decode_tokens_per_second, "prefill_s": out.prefill_seconds}
-        )
-    return rows
+    ]
 
 
 # ----------------------------------------------------------------------------
@@ -584,6 +629,15 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     for row in result["checks"]:
         limit = row.get("limit_text") or fmt(row["limit"])
         lines.append(f"| {row['check']} | {fmt(row['value'])} | {limit} | {fmt(row['pass'])} |")
+    for label, error in result["errors"].items():
+        lines.append(f"| section {label} raised | {error[:200]} | - | FAIL |")
+    if result.get("matmul_peak_flops"):
+        lines += [
+            "",
+            f"Matmul peak ({result['precision']}): {result['matmul_peak_flops'] / 1e12:.3g} TFLOP/s.",
+        ]
+    if result.get("copy_bandwidth"):
+        lines += [f"Device copy bandwidth (read + write): {result['copy_bandwidth'] / 1e9:,.0f} GB/s."]
     lines += ["", "Training speed (bf16 autocast on CUDA; eager, and compiled as `train --compile`):", ""]
     columns = [
         ("model", "model", ""),
@@ -592,17 +646,20 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         ("batch", "batch", "d"),
         ("compile", "compiled (backend)", ""),
         ("tokens_per_s", "tokens/s", ",.0f"),
+        ("step_s", "step (ms)", ".1f"),
         ("mfu", "MFU", ".1%"),
         ("warmup_s", "first steps (s)", ".1f"),
         ("error", "error", ""),
     ]
-    lines.append(markdown_table(result["throughput"], columns))
+    rows = [{**r, "step_s": r["step_s"] * 1e3} if "step_s" in r else r for r in result["throughput"]]
+    lines.append(markdown_table(rows, columns))
     mem = result["memory"]
-    lines += [
-        "",
-        f"Memory of one training step at N = {mem['N']:,}, M = {mem['M']}: "
-        + (f"{mem['peak_gb']:.2f} GB ({mem['measure']})." if "peak_gb" in mem else mem["error"]),
-    ]
+    if mem:
+        lines += [
+            "",
+            f"Memory of one training step at N = {mem['N']:,}, M = {mem['M']}: "
+            + (f"{mem['peak_gb']:.2f} GB ({mem['measure']})." if "peak_gb" in mem else mem["error"]),
+        ]
     lines += ["", "Cached greedy decode, batch 1:", ""]
     columns = [
         ("N", "N", "d"),
@@ -610,12 +667,20 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         ("dtype", "dtype", ""),
         ("compile", "compile", ""),
         ("decode_tokens_per_s", "tokens/s", ",.1f"),
+        ("ms_per_token", "ms/token", ".2f"),
         ("prefill_s", "prefill (s)", ".3f"),
-        ("note", "note", ""),
+        ("mb_per_token", "MB read/token", ".1f"),
+        ("achieved_gb_s", "GB/s", ".1f"),
+        ("fraction_of_bandwidth", "of copy bandwidth", ".1%"),
     ]
     lines.append(markdown_table(result["decode"], columns))
+    if result["skipped"]:
+        lines += ["", "Skipped (time budget spent): " + ", ".join(result["skipped"]) + "."]
     lines += ["", "Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())]
     path.write_text("\n".join(lines) + "\n")
+
+
+SECTIONS = ("golden", "kernels", "bf16-logits", "throughput", "memory", "decode", "training", "compiled")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -633,11 +698,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-backend", default="inductor", help="torch.compile backend of the compiled cases"
     )
     p.add_argument("--out", default=None, help="folder for the JSON and markdown results (default: results/)")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="run only these (a rerun of what failed); 'compiled' is the compiled training and decode",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip every section and case that would start after this many seconds (a lease's limit)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
 
     import torch
 
@@ -648,43 +729,92 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out) if args.out else None
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
     machine = {**machine_info(torch.get_num_threads()), "device": str(rt.device), "device_name": name}
-    seconds: dict[str, float] = {}
     t_start = time.perf_counter()
-
-    def timed_section(label: str, fn, *a):
-        t0 = time.perf_counter()
-        print(f"[gpu_check] {label} ...", file=sys.stderr, flush=True)
-        value = fn(*a)
-        seconds[label] = time.perf_counter() - t0
-        return value
-
-    checks = []
-    with tempfile.TemporaryDirectory() as tmp:
-        checks += timed_section("golden", section_golden, rt.device)
-        checks += timed_section("kernels", section_kernels, rt.device, sizes["kernel"])
-        checks += timed_section("bf16 logits", section_bf16_logits, rt.device)
-        checks += timed_section("training", section_training, rt.device, sizes, args.data, Path(tmp))
-    throughput, peak = timed_section(
-        "throughput", section_throughput, rt, sizes, args.compile_backend, args.quick
-    )
-    memory = timed_section("memory", section_memory, rt, sizes)
-    decode = timed_section("decode", section_decode, rt, sizes, args.compile_backend)
-    result = {
+    deadline = t_start + args.budget_s if args.budget_s else math.inf
+    result: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": machine,
         "precision": rt.precision,
         "compile_backend": args.compile_backend,
-        "matmul_peak_flops": peak,
-        "checks": checks,
-        "throughput": throughput,
-        "memory": memory,
-        "decode": decode,
-        "seconds": seconds,
-        "total_seconds": time.perf_counter() - t_start,
-        "all_checks_pass": all(c["pass"] for c in checks),
+        "sections": args.sections,
+        "budget_s": args.budget_s,
+        "checks": [],
+        "throughput": [],
+        "memory": {},
+        "decode": [],
+        "errors": {},
+        "skipped": [],
+        "seconds": {},
     }
-    path = save_results("gpu_check_quick" if args.quick else "gpu_check", result, out_dir)
-    write_markdown(result, path.with_suffix(".md"))
+    result_name = "gpu_check_quick" if args.quick else "gpu_check"
+    if set(args.sections) != set(SECTIONS):
+        result_name += "_" + "_".join(s.replace("-", "") for s in args.sections)
+
+    def save() -> Path:
+        """Written after every section, so a run stopped at a lease's limit keeps what it measured."""
+        result["total_seconds"] = time.perf_counter() - t_start
+        result["all_checks_pass"] = all(c["pass"] for c in result["checks"]) and not result["errors"]
+        path = save_results(result_name, result, out_dir)
+        write_markdown(result, path.with_suffix(".md"))
+        return path
+
+    def section(label: str, key: str, fn, *a) -> None:
+        """Run one section into ``result[key]``; an exception is recorded (and printed), not fatal."""
+        if time.perf_counter() > deadline:
+            result["skipped"].append(label)
+            return
+        print(f"[gpu_check] {label} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            value = fn(*a)
+        except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others
+            traceback.print_exc()
+            result["errors"][label] = f"{type(e).__name__}: {e}"
+        else:
+            if isinstance(result.get(key), list):
+                result[key] += value
+            else:
+                result[key] = value
+        result["seconds"][label] = time.perf_counter() - t0
+        save()
+
+    want = set(args.sections)
+    quick, backend = args.quick, args.compile_backend
+    with tempfile.TemporaryDirectory() as tmp:
+        if "golden" in want:
+            section("golden", "checks", section_golden, rt.device)
+        if "kernels" in want:
+            section("kernels", "checks", section_kernels, rt.device, sizes["kernel"])
+        if "bf16-logits" in want:
+            section("bf16 logits", "checks", section_bf16_logits, rt.device)
+        if want & {"throughput", "compiled", "decode"}:
+            section("matmul peak", "matmul_peak_flops", matmul_peak, rt.device, rt.dtype, quick)
+            section("copy bandwidth", "copy_bandwidth", copy_bandwidth, rt.device, quick)
+        peak = result.get("matmul_peak_flops") or math.nan
+        # The cheap measurements first, the compiled ones (minutes of code generation) last.
+        if "throughput" in want:
+            section("throughput", "throughput", section_throughput, rt, sizes, backend, peak, False, deadline)
+        if "memory" in want:
+            section("memory", "memory", section_memory, rt, sizes)
+        bandwidth = result.get("copy_bandwidth") or math.nan
+        if "decode" in want:
+            section("decode", "decode", section_decode, rt, sizes, None, bandwidth)
+        if "training" in want:
+            section("training", "checks", section_training, rt.device, sizes, args.data, Path(tmp))
+        if "compiled" in want:
+            section(
+                "compiled training",
+                "throughput",
+                section_throughput,
+                rt,
+                sizes,
+                backend,
+                peak,
+                True,
+                deadline,
+            )
+            section("compiled decode", "decode", section_decode, rt, sizes, backend, bandwidth)
+    path = save()
     print(path.with_suffix(".md").read_text())
     return result
 
