@@ -352,7 +352,7 @@ def section_training(device, sizes: dict, data: str | None, work: Path) -> list[
             precision=precision,
             progress=False,
             tensorboard=False,
-            threads=0 if device.type == "cpu" else None,
+            threads=0,  # the trainer's default: the cores (its CPU work on a GPU)
         )
         with contextlib.redirect_stdout(sys.stderr):
             train(cfg)

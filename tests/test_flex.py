@@ -157,3 +157,21 @@ def test_the_flex_forward_traces_as_one_graph(monkeypatch):
             torch._dynamo.reset()
             result = torch._dynamo.explain(model)(x, full_rows=full_rows, validate=False)
             assert (result.graph_count, result.graph_break_count) == (1, 0), result.break_reasons
+
+
+def test_compiled_flex_gets_its_own_recompile_budget():
+    """Past Dynamo's limit of 8 variants torch runs flex unfused (every N x M score materialised).
+
+    Seen on an H200 (docs/gpu.md): mask functions x grad mode x autocast x dtype
+    reach 8 in one process, and eager training ran 2x slower. The kernel raises the
+    limit for its own calls only and leaves the process's setting as it was.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    seen = attention.with_recompile_budget(lambda: config.recompile_limit)()
+    assert seen >= attention.FLEX_RECOMPILE_LIMIT > 8
+    assert config.recompile_limit == before
+    with config.patch(recompile_limit=1000):  # a user's higher setting is kept
+        assert attention.with_recompile_budget(lambda: config.recompile_limit)() == 1000

@@ -246,7 +246,26 @@ except ImportError:  # pragma: no cover - torch < 2.5
 FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys
 # Head widths the compiled flex kernels are built for; others use SDPA.
 FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Compiled variants the flex kernel may keep. One process legitimately needs many:
+# each mask function (full rows, padded rows, dropout) x grad mode x autocast x dtype.
+# Past Dynamo's default limit (8) torch silently runs flex unfused, materialising every
+# N x M score (seen on an H200: training 2x slower, docs/gpu.md).
+FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
+
+
+def with_recompile_budget(
+    fn: Callable[..., Tensor], limit: int = FLEX_RECOMPILE_LIMIT
+) -> Callable[..., Tensor]:
+    """``fn`` called with Dynamo's recompile limit raised to at least ``limit`` (restored after each call)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+
+    def call(*args, **kwargs):
+        with config.patch(**{name: max(getattr(config, name), limit)}):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def use_flex(q: Tensor) -> bool:
@@ -274,7 +293,7 @@ def flex_kernel():
     if torch.compiler.is_compiling():
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
+        _compiled_flex = with_recompile_budget(torch.compile(flex_attention))
     return _compiled_flex
 
 
