@@ -490,8 +490,8 @@ def throughput_cases(
     cases = []
     for size in sizes["throughput"]:
         N, M, batch = size["N"], size["M"], size["batch"]
-        if compiled_pass:
-            cases.append(("perceiver_ar", N, M, batch, backend))
+        if compiled_pass:  # both compiled: the decoder's strongest form is a baseline too
+            cases += [("perceiver_ar", N, M, batch, backend), ("decoder", N, N, batch, backend)]
         else:
             cases += [("perceiver_ar", N, M, batch, None), ("decoder", N, N, batch, None)]
     return cases
@@ -560,6 +560,7 @@ def copy_bandwidth(device, quick: bool) -> float:
 def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> list[dict]:
     """Cached greedy decode at batch 1, eager (``option`` None) or with the step compiled by ``option``.
 
+    The median of 3 timed generations after a warm-up one.
     Next to tokens/s: the bytes a step must read (``bench_ports.decode_bytes_per_token``:
     every weight once, the cross-attend cache and the latent caches once), the GB/s that
     makes, and that as a fraction of the device's copy bandwidth measured in this run.
@@ -580,9 +581,9 @@ def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> lis
     # timed run reuses the compiled steps.
     kwargs = {"compile": True if option == "inductor" else option} if option else {}
     generate(model, prompt, d["new"] if option else min(d["new"], 8), temperature=0, **kwargs)
-    out = generate(model, prompt, d["new"], temperature=0, **kwargs)
+    runs = [generate(model, prompt, d["new"], temperature=0, **kwargs) for _ in range(3)]
     per_token = decode_bytes_per_token(model, d["prompt"], d["new"])["bytes_per_token"]
-    tok_s = out.decode_tokens_per_second
+    tok_s = median([out.decode_tokens_per_second for out in runs])
     return [
         {
             "N": cfg.context_len,
@@ -593,7 +594,8 @@ def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> lis
             "dtype": str(rt.dtype).removeprefix("torch."),
             "decode_tokens_per_s": tok_s,
             "ms_per_token": 1e3 / tok_s,
-            "prefill_s": out.prefill_seconds,
+            "prefill_s": median([out.prefill_seconds for out in runs]),
+            "runs_tokens_per_s": [out.decode_tokens_per_second for out in runs],
             "mb_per_token": per_token / 1e6,
             "achieved_gb_s": per_token * tok_s / 1e9,
             "fraction_of_bandwidth": per_token * tok_s / bandwidth,
