@@ -60,10 +60,27 @@ def test_gpu_check_keeps_what_it_measured_when_a_lease_runs_out(tmp_path):
     args += ["--out", str(tmp_path), "--sections", "golden", "memory", "--budget-s", "1e-6"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_check_quick_golden_memory.json").read_text())
+    path = tmp_path / "gpu_check_quick_golden_memory.json"  # a subset of sections is named apart
+    result = json.loads(path.read_text())
     assert result["skipped"] == ["golden", "memory"]
     assert result["checks"] == [] and result["memory"] == {}
-    assert (
-        "Skipped (time budget spent): golden, memory."
-        in (tmp_path / "gpu_check_quick_golden_memory.md").read_text()
-    )
+    assert "Skipped (time budget spent): golden, memory." in path.with_suffix(".md").read_text()
+
+
+def test_gpu_check_records_a_section_that_raises_and_runs_the_rest(tmp_path, monkeypatch):
+    """One section's exception is written into the results (and fails the run); the next still runs."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def broken(device):
+        raise RuntimeError("planted fault")
+
+    monkeypatch.setattr(gpu_check, "section_golden", broken)
+    args = ["--device", "cpu", "--quick", "--sections", "golden", "memory", "--out", str(tmp_path)]
+    result = gpu_check.main(args)
+    assert result["errors"] == {"golden": "RuntimeError: planted fault"}
+    assert result["memory"]["peak_gb"] > 0 and not result["all_checks_pass"]
+    path = tmp_path / "gpu_check_quick_golden_memory.json"
+    assert json.loads(path.read_text())["errors"] == result["errors"]
+    table = path.with_suffix(".md").read_text()
+    assert "| section golden raised | RuntimeError: planted fault | - | FAIL |" in table

@@ -249,7 +249,8 @@ FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 # Compiled variants the flex kernel may keep. One process legitimately needs many:
 # each mask function (full rows, padded rows, dropout) x grad mode x autocast x dtype.
 # Past Dynamo's default limit (8) torch silently runs flex unfused, materialising every
-# N x M score (seen on an H200: training 2x slower, docs/gpu.md).
+# N x M score (seen on an H200: training 1.5-1.7x slower, 16.6x the memory at
+# N = 131,072; docs/gpu.md).
 FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
 
