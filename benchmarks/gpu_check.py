@@ -210,7 +210,7 @@ def section_kernels(device, sizes: dict) -> list[dict]:
             with tf32_off(), torch.set_grad_enabled(grads), choice():
                 out = attention.scaled_dot_product(*leaves, mask=mask, causal=mask is None)
                 ref = F.scaled_dot_product_attention(*ref_leaves, attn_mask=dense)
-            outs[case] = float((out.float() - ref).abs().max())
+            outs[case] = float((out.detach().float() - ref.detach()).abs().max())
             if grads:
                 grad = torch.randn(out.shape, generator=g).to(device)
                 out.backward(grad.to(dtype))
