@@ -1,9 +1,10 @@
 """The GPU check: correctness and speed of the CUDA path in one command, as JSON and a markdown table.
 
-    python benchmarks/gpu_check.py                       # one CUDA GPU, under 8 minutes
+    python benchmarks/gpu_check.py                       # one CUDA GPU: 230 s on an H200
     python benchmarks/gpu_check.py --device cpu --quick  # the same checks at toy sizes (the tests run it)
 
-Checks (each passes or fails) and measurements, in order:
+Checks (each passes or fails) and measurements, in the order they run (the
+cheap ones first, the compiled ones, minutes of code generation, last):
 
 1. golden: the official reference logits (tests/golden/) recomputed on the
    device in fp32 with TF32 off; every logit within 1e-4.
@@ -13,25 +14,30 @@ Checks (each passes or fails) and measurements, in order:
 3. bf16 logits: golden models under bf16 autocast and cast to bf16, against
    fp32: max and mean |difference|, within the test suite's bound
    (16 x 2^-8 x the largest |logit|, tests/test_precision.py).
-4. training: ``train`` on the Shakespeare store in fp32, bf16 and fp16 with
-   one seed; the low-precision loss falls like fp32's (final loss within 3%).
+4. the device's matmul peak in the run's dtype and its copy bandwidth.
 5. throughput: training tokens/s and model FLOPs utilisation (MFU: the
-   analytic FLOPs of bench_flops.py over the measured matmul peak of the
-   device in the run's dtype) of Perceiver AR at N = 4096 / M = 512 and
-   N = 16,384 / M = 1024 (D = E = 512, L = 6), eager and compiled as
-   ``train --compile`` compiles; and of the equal-depth decoder-only model
-   (M = N: every attention the causal flash kernel, ``is_causal``), eager.
+   analytic FLOPs of bench_flops.py over that peak) of Perceiver AR at
+   N = 4096 / M = 512 and N = 16,384 / M = 1024 (D = E = 512, L = 6) and of
+   the equal-depth decoder-only model (M = N: every attention the causal
+   flash kernel, ``is_causal``), eager.
 6. memory: peak GPU memory of one training step at N = 131,072 / M = 1024.
-7. decode: cached greedy decode tokens/s at N = 4096 / M = 512 (preset
-   small, batch 1), the model cast to the run's dtype; eager and with the
-   decode step compiled (``generate(..., compile=True)``, the same backend
-   as the compiled training cases).
+7. decode: cached greedy decode at N = 4096 / M = 512 (preset small,
+   batch 1), the model cast to the run's dtype, eager: tokens/s, the bytes a
+   step must read and that as a fraction of the copy bandwidth.
+8. training: ``train`` on the Shakespeare store in fp32, bf16 and fp16 with
+   one seed; the low-precision loss falls like fp32's (final loss within 3%).
+9. compiled: sections 5 and 7 again with both models compiled as
+   ``train --compile`` compiles and the decode step compiled
+   (``generate(..., compile=True)``).
 
 Writes ``results/gpu_check.json`` (every number) and beside it the same name
-in markdown (the tables); ``gpu_check_quick.*`` with ``--quick``. Exits 1 if
-a check fails.
+in markdown (the tables) after every section and training case, so a run cut
+short keeps what it measured; ``gpu_check_quick.*`` with ``--quick``, and the
+sections' names appended with ``--sections``. A section that raises is
+recorded and the others run. Exit code 1 if a check failed or a section
+raised, 3 if all passed but ``--budget-s`` skipped some, else 0.
 ``--quick`` shrinks every size (and the training runs to 30 steps); on a
-CPU the dtype of sections 5-7 is fp32 (``--precision``), bf16 there being
+CPU the dtype of sections 4-9 is fp32 (``--precision``), bf16 there being
 emulated. ``--compile-backend aot_eager`` checks the compiled path without
 Inductor's code generation (the test suite uses it: Inductor takes a minute
 a graph on a small CPU).
@@ -48,6 +54,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +135,12 @@ def golden_batch(data, case: str, device):
     inputs = torch.from_numpy(data[f"{case}/inputs"]).long().to(device)
     positions = torch.from_numpy(data[f"{case}/input_idxs"][..., 0]).long().to(device)
     return inputs, positions
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line that a markdown table cell can hold."""
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text[:200].replace("|", "\\|")
 
 
 def check(name: str, value: float, limit: float | None, ok: bool | None, **extra: Any) -> dict[str, Any]:
@@ -498,26 +511,31 @@ def throughput_cases(
 
 
 def section_throughput(
-    rt, sizes: dict, backend: str, peak: float, compiled_pass: bool, deadline: float
-) -> list[dict]:
-    """Training speed of each case of the pass; a case that would start after ``deadline`` is skipped."""
+    rt, sizes: dict, backend: str, peak: float | None, compiled_pass: bool, deadline: float
+) -> Iterator[dict]:
+    """Training speed of each case of the pass, a row at a time (each saved as it comes).
+
+    A case that would start after ``deadline`` is skipped; one that raises keeps
+    its error in its row and the next case runs.
+    """
     import torch
 
-    rows = []
     for model_name, N, m, batch, option in throughput_cases(sizes, backend, compiled_pass):
         row = {"model": model_name, "N": N, "M": m, "batch": batch, "compile": option or "no"}
         if time.perf_counter() > deadline:
-            rows.append({**row, "error": "skipped: time budget spent"})
+            yield {**row, "error": "skipped: time budget spent"}
             continue
         try:
             r = time_training(rt, model_config(sizes, N, m), batch, option, sizes["steps"])
-            r["mfu"] = r["flops_per_step"] / r["step_s"] / peak
+            r["mfu"] = r["flops_per_step"] / r["step_s"] / peak if peak else None
         except torch.OutOfMemoryError:
             r = {"error": "out of memory"}
-        rows.append({**row, **r})
+        except Exception as e:  # noqa: BLE001 - one case's failure must not lose the others
+            traceback.print_exc()
+            r = {"error": first_line(e)}
+        yield {**row, **r}
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def section_memory(rt, sizes: dict) -> dict[str, Any]:
@@ -557,7 +575,7 @@ def copy_bandwidth(device, quick: bool) -> float:
     return 2 * src.numel() * src.element_size() / median(times)
 
 
-def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> list[dict]:
+def section_decode(rt, sizes: dict, option: str | None, bandwidth: float | None) -> list[dict]:
     """Cached greedy decode at batch 1, eager (``option`` None) or with the step compiled by ``option``.
 
     The median of 3 timed generations after a warm-up one.
@@ -584,6 +602,7 @@ def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> lis
     runs = [generate(model, prompt, d["new"], temperature=0, **kwargs) for _ in range(3)]
     per_token = decode_bytes_per_token(model, d["prompt"], d["new"])["bytes_per_token"]
     tok_s = median([out.decode_tokens_per_second for out in runs])
+    fraction = per_token * tok_s / bandwidth if bandwidth else None
     return [
         {
             "N": cfg.context_len,
@@ -598,7 +617,7 @@ def section_decode(rt, sizes: dict, option: str | None, bandwidth: float) -> lis
             "runs_tokens_per_s": [out.decode_tokens_per_second for out in runs],
             "mb_per_token": per_token / 1e6,
             "achieved_gb_s": per_token * tok_s / 1e9,
-            "fraction_of_bandwidth": per_token * tok_s / bandwidth,
+            "fraction_of_bandwidth": fraction,
         }
     ]
 
@@ -711,16 +730,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-s",
         type=float,
         default=None,
-        help="skip every section and case that would start after this many seconds (a lease's limit)",
+        help="skip every section and case that would start after this many seconds from the start "
+        "(a lease's limit); one already running ends first, so leave room for the longest (about 2 min)",
     )
     return p
 
 
+def device_properties(device) -> dict[str, Any]:
+    """What the GPU reports of itself (memory, multiprocessors, capability); nothing on a CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "total_memory_gib": props.total_memory / 2**30,
+        "multiprocessors": props.multi_processor_count,
+        "capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter()  # the budget counts from here: imports and device set-up included
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    deadline = t_start + args.budget_s if args.budget_s else math.inf
+    sections = [s for s in SECTIONS if s in args.sections]  # one order, each once
 
     import torch
 
@@ -730,15 +768,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     out_dir = Path(args.out) if args.out else None
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
-    machine = {**machine_info(torch.get_num_threads()), "device": str(rt.device), "device_name": name}
-    t_start = time.perf_counter()
-    deadline = t_start + args.budget_s if args.budget_s else math.inf
+    machine = {
+        **machine_info(torch.get_num_threads()),
+        "device": str(rt.device),
+        "device_name": name,
+        **device_properties(rt.device),
+    }
     result: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": machine,
         "precision": rt.precision,
         "compile_backend": args.compile_backend,
-        "sections": args.sections,
+        "sections": sections,
         "budget_s": args.budget_s,
         "checks": [],
         "throughput": [],
@@ -749,19 +790,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {},
     }
     result_name = "gpu_check_quick" if args.quick else "gpu_check"
-    if set(args.sections) != set(SECTIONS):
-        result_name += "_" + "_".join(s.replace("-", "") for s in args.sections)
+    if sections != list(SECTIONS):
+        result_name += "_" + "_".join(s.replace("-", "") for s in sections)
 
     def save() -> Path:
-        """Written after every section, so a run stopped at a lease's limit keeps what it measured."""
+        """Written after every section and case: a run stopped at a lease's limit keeps its numbers."""
         result["total_seconds"] = time.perf_counter() - t_start
         result["all_checks_pass"] = all(c["pass"] for c in result["checks"]) and not result["errors"]
+        skipped_cases = any(str(r.get("error", "")).startswith("skipped") for r in result["throughput"])
+        result["complete"] = not result["skipped"] and not skipped_cases
         path = save_results(result_name, result, out_dir)
         write_markdown(result, path.with_suffix(".md"))
         return path
 
     def section(label: str, key: str, fn, *a) -> None:
-        """Run one section into ``result[key]``; an exception is recorded (and printed), not fatal."""
+        """Run one section into ``result[key]``; an exception is recorded (and printed), not fatal.
+
+        A section that yields its rows (a generator) has each one saved as it comes.
+        """
         if time.perf_counter() > deadline:
             result["skipped"].append(label)
             return
@@ -769,18 +815,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             value = fn(*a)
-        except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others
-            traceback.print_exc()
-            result["errors"][label] = f"{type(e).__name__}: {e}"
-        else:
-            if isinstance(result.get(key), list):
+            if isinstance(value, Iterator):
+                for row in value:
+                    result[key].append(row)
+                    save()
+            elif isinstance(result.get(key), list):
                 result[key] += value
             else:
                 result[key] = value
+        except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others
+            traceback.print_exc()
+            result["errors"][label] = first_line(e)
         result["seconds"][label] = time.perf_counter() - t0
         save()
 
-    want = set(args.sections)
+    want = set(sections)
     quick, backend = args.quick, args.compile_backend
     with tempfile.TemporaryDirectory() as tmp:
         if "golden" in want:
@@ -792,35 +841,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if want & {"throughput", "compiled", "decode"}:
             section("matmul peak", "matmul_peak_flops", matmul_peak, rt.device, rt.dtype, quick)
             section("copy bandwidth", "copy_bandwidth", copy_bandwidth, rt.device, quick)
-        peak = result.get("matmul_peak_flops") or math.nan
+        peak, bandwidth = result.get("matmul_peak_flops"), result.get("copy_bandwidth")
         # The cheap measurements first, the compiled ones (minutes of code generation) last.
         if "throughput" in want:
             section("throughput", "throughput", section_throughput, rt, sizes, backend, peak, False, deadline)
         if "memory" in want:
             section("memory", "memory", section_memory, rt, sizes)
-        bandwidth = result.get("copy_bandwidth") or math.nan
         if "decode" in want:
             section("decode", "decode", section_decode, rt, sizes, None, bandwidth)
         if "training" in want:
             section("training", "checks", section_training, rt.device, sizes, args.data, Path(tmp))
         if "compiled" in want:
-            section(
-                "compiled training",
-                "throughput",
-                section_throughput,
-                rt,
-                sizes,
-                backend,
-                peak,
-                True,
-                deadline,
-            )
+            compiled_args = (rt, sizes, backend, peak, True, deadline)
+            section("compiled training", "throughput", section_throughput, *compiled_args)
             section("compiled decode", "decode", section_decode, rt, sizes, backend, bandwidth)
     path = save()
     print(path.with_suffix(".md").read_text())
     return result
 
 
+def exit_code(result: dict[str, Any]) -> int:
+    """1: a check failed or a section raised; 3: all passed but the budget skipped some; else 0."""
+    if not result["all_checks_pass"]:
+        return 1
+    return 0 if result["complete"] else 3
+
+
 if __name__ == "__main__":
-    result = main()
-    sys.exit(0 if result["all_checks_pass"] else 1)
+    sys.exit(exit_code(main()))

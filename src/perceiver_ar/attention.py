@@ -8,6 +8,7 @@ passed down. Shape letters: B batch, T inputs, M latents, H heads, dh head width
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -249,18 +250,41 @@ FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 # Compiled variants the flex kernel may keep. One process legitimately needs many:
 # each mask function (full rows, padded rows, dropout) x grad mode x autocast x dtype.
 # Past Dynamo's default limit (8) torch silently runs flex unfused, materialising every
-# N x M score (seen on an H200: training 1.5-1.7x slower, 16.6x the memory at
+# N x M score (seen on an H200: eager training 1.2-1.7x slower, 16.6x the memory at
 # N = 131,072; docs/gpu.md).
 FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
 
 
+def compile_with_budget(
+    fn: Callable[..., Tensor], limit: int = FLEX_RECOMPILE_LIMIT, native: bool | None = None
+) -> Callable[..., Tensor]:
+    """``torch.compile(fn)`` that may keep ``limit`` compiled variants of ``fn``.
+
+    Where torch.compile takes ``recompile_limit`` and ``isolate_recompiles``
+    (torch 2.13), this compile gets its own limit and its own cache, apart from
+    any other compile of ``fn`` in the process. Older torch counts variants per
+    code object under one global limit: each call then runs with that limit
+    raised (``with_recompile_budget``). ``native`` forces one way (tests).
+    """
+    if native is None:
+        params = inspect.signature(torch.compile).parameters
+        native = "recompile_limit" in params and "isolate_recompiles" in params
+    if native:
+        return torch.compile(fn, recompile_limit=limit, isolate_recompiles=True)
+    return with_recompile_budget(torch.compile(fn), limit)
+
+
 def with_recompile_budget(
     fn: Callable[..., Tensor], limit: int = FLEX_RECOMPILE_LIMIT
 ) -> Callable[..., Tensor]:
-    """``fn`` called with Dynamo's recompile limit raised to at least ``limit`` (restored after each call)."""
+    """``fn`` called with Dynamo's recompile limit raised to at least ``limit`` (restored after each call).
+
+    The patch is per thread where torch keeps its config patches in a context
+    variable (2.13); on older torch it is process-wide while a call runs.
+    """
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
 
     def call(*args, **kwargs):
         with config.patch(**{name: max(getattr(config, name), limit)}):
@@ -294,7 +318,7 @@ def flex_kernel():
     if torch.compiler.is_compiling():
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = with_recompile_budget(torch.compile(flex_attention))
+        _compiled_flex = compile_with_budget(flex_attention)
     return _compiled_flex
 
 
