@@ -25,7 +25,7 @@ writes ``bench_threads_partial``. The load average is
 printed at the start and the end; other work running during the alone cases
 makes them read like the busy ones.
 
-    python benchmarks/bench_threads.py            # ~25 min here
+    python benchmarks/bench_threads.py            # ~29 min here
     python benchmarks/bench_threads.py --quick    # seconds, smoke test
 """
 
