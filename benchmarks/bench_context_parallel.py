@@ -29,7 +29,6 @@ import time
 from common import (
     CASE_MARK,
     _rss_of,
-    case_argument,
     format_table,
     machine_info,
     markdown_table,
@@ -37,6 +36,7 @@ from common import (
     peak_rss_mb,
     save_figure,
     save_results,
+    script_main,
 )
 
 
@@ -246,10 +246,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        from common import report_case
-
-        report_case(run_rank(case))
-    else:
-        sys.exit(main())
+    script_main(run_rank, main)

@@ -35,19 +35,17 @@ model gets in the same minutes of this CPU, not where it would end.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 
 from common import (
     LoadWatch,
-    case_argument,
     machine_info,
     new_figure,
-    report_case,
     report_table,
     run_case,
     save_figure,
+    script_main,
     set_threads,
 )
 
@@ -421,8 +419,4 @@ def plot(runs: dict, labels: dict[str, str], name: str) -> None:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

@@ -21,20 +21,18 @@ JSON keeps every run. The load average is printed at the start and the end.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from common import (
     LoadWatch,
-    case_argument,
     machine_info,
     median,
     median_of,
     new_figure,
     ok_runs,
-    report_case,
     report_table,
     run_rounds,
     save_figure,
+    script_main,
     set_threads,
     timed,
 )
@@ -238,8 +236,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

@@ -16,19 +16,17 @@ then ``--repeats`` timed ones, medians reported.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from common import (
-    case_argument,
     format_table,
     machine_info,
     markdown_table,
     median,
     new_figure,
-    report_case,
     run_case,
     save_figure,
     save_results,
+    script_main,
     set_threads,
 )
 
@@ -155,8 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

@@ -64,7 +64,6 @@ from common import (
     BENCH_DIR,
     RESULTS_DIR,
     LoadWatch,
-    case_argument,
     format_table,
     grouped_bars,
     machine_info,
@@ -74,11 +73,11 @@ from common import (
     median_of,
     new_figure,
     ok_runs,
-    report_case,
     run_case,
     run_rounds,
     save_figure,
     save_results,
+    script_main,
     set_threads,
     timed_blocks,
 )
@@ -694,8 +693,4 @@ def plot(name: str, train: list[dict], decode: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

@@ -26,21 +26,19 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from common import (
-    case_argument,
     format_table,
     markdown_table,
     new_figure,
-    report_case,
     run_case,
     save_figure,
     save_results,
+    script_main,
 )
 
 FORMATS = ("text", "jsonl", "jsonl.zst", "parquet")
@@ -277,8 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

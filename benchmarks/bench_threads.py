@@ -43,17 +43,16 @@ from common import (
     LoadWatch,
     alternating,
     build_model,
-    case_argument,
     grouped_bars,
     machine_info,
     make_train_step,
     median,
     new_figure,
     random_batch,
-    report_case,
     report_table,
     run_case,
     save_figure,
+    script_main,
     set_threads,
     timed,
 )
@@ -268,8 +267,4 @@ def plot(name: str, rows: list[dict], sizes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

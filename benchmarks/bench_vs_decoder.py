@@ -23,11 +23,9 @@ average is printed at the start and the end.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from common import (
     LoadWatch,
-    case_argument,
     format_table,
     machine_info,
     markdown_table,
@@ -35,10 +33,10 @@ from common import (
     median_of,
     new_figure,
     ok_runs,
-    report_case,
     run_rounds,
     save_figure,
     save_results,
+    script_main,
     set_threads,
     timed,
 )
@@ -227,8 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    case = case_argument()
-    if case is not None:
-        report_case(run_one(case))
-    else:
-        sys.exit(main())
+    script_main(run_one, main)

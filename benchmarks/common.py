@@ -200,6 +200,15 @@ def report_case(result: dict[str, Any]) -> None:
     print(CASE_MARK + json.dumps(result), flush=True)
 
 
+def script_main(run_one: Callable[[dict[str, Any]], dict[str, Any]], main: Callable[[], int | None]) -> None:
+    """A benchmark's entry point: the one case given by ``--case`` (in its fresh process), else ``main``."""
+    case = case_argument()
+    if case is not None:
+        report_case(run_one(case))
+    else:
+        sys.exit(main())
+
+
 def run_case(
     script: str | Path,
     case: dict[str, Any],

@@ -414,6 +414,19 @@ def model_config(sizes: dict, N: int, M: int):
     )
 
 
+def device_seconds(device, fn, repeats: int = 5) -> float:
+    """Median seconds of ``fn`` on ``device`` over ``repeats`` synchronized calls after one warm-up."""
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return median(times)
+
+
 def matmul_peak(device, dtype, quick: bool) -> float:
     """Median FLOP/s of a square matmul in ``dtype``: the denominator of MFU."""
     import torch
@@ -421,15 +434,7 @@ def matmul_peak(device, dtype, quick: bool) -> float:
     n = 1024 if quick else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(6):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / median(times)
+    return 2.0 * n**3 / device_seconds(device, lambda: a @ b)
 
 
 def compiled(model, backend: str):
@@ -564,15 +569,7 @@ def copy_bandwidth(device, quick: bool) -> float:
     n = 2**22 if quick else 2**29  # fp32 elements: 16 MiB, or 2 GiB on a GPU
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(6):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / median(times)
+    return 2 * src.numel() * src.element_size() / device_seconds(device, lambda: dst.copy_(src))
 
 
 def section_decode(rt, sizes: dict, option: str | None, bandwidth: float | None) -> list[dict]:

@@ -14,27 +14,16 @@ from perceiver_ar.modalities import music as mu
 from perceiver_ar.model import PerceiverAR
 from perceiver_ar.render import render, score
 from perceiver_ar.store import TokenStore
-from perceiver_ar.train import TrainConfig, train
+from perceiver_ar.train import train
+from tests.conftest import tiny_train_config
 
 PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("mido")
 
 
 def train_tiny(data, out, **model):
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(out),
-        preset="tiny",
-        model=model,
-        steps=3,
-        batch_size=4,
-        warmup_steps=1,
-        eval_every=0,
-        eval_tokens=256,
-        checkpoint_every=0,
-        progress=False,
-        tensorboard=False,
-        threads=1,
+    cfg = tiny_train_config(
+        data, out, model=model, steps=3, batch_size=4, warmup_steps=1, eval_tokens=256, checkpoint_every=0
     )
     train(cfg)
     return PerceiverAR.from_pretrained(out)

@@ -16,6 +16,7 @@ from perceiver_ar import PerceiverAR
 from perceiver_ar.data import prepare_text
 from perceiver_ar.run_dir import list_checkpoints
 from perceiver_ar.train import TrainConfig, lr_at, resume_config, train
+from tests.conftest import tiny_train_config
 from tests.test_data import make_corpus
 
 TINY = {"context_len": 32, "num_latents": 8}
@@ -29,24 +30,10 @@ def store(tmp_path_factory):
 
 
 def config(store, out, **kw):
-    base = dict(
-        data=store,
-        out=str(out),
-        preset="tiny",
-        model=dict(TINY),
-        steps=8,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_every=4,
-        eval_tokens=64,
-        checkpoint_every=4,
-        progress=False,
-        tensorboard=False,
-        threads=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """The conftest tiny run, longer: 8 steps of batch 4, evaluated and checkpointed every 4."""
+    settings = dict(model=dict(TINY), steps=8, batch_size=4, lr=3e-3, warmup_steps=2)
+    settings.update(eval_every=4, eval_tokens=64, checkpoint_every=4)
+    return tiny_train_config(store, out, **{**settings, **kw})
 
 
 def losses(run_dir):
