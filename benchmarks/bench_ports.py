@@ -23,7 +23,11 @@ models run blocks of steps lasting at least ``--min-block`` seconds. Sizes:
 N = 256 / M = 64 / D = 64 / L = 2 / B = 2, 1024 / 256 / 256 / 4 / 4,
 4096 / 512 / 512 / 6 / 2, 16,384 / 1024 / 512 / 6 / 1 and the demo preset
 (256 / 128 / 128 / 4, batch 16 as ``make demo`` trains it; steps/s is
-tokens/s over 4096).
+tokens/s over 4096). Each training row also gives its rate as a fraction of
+the fp32 matmul peak (a 2048^2 ``torch.mm`` in its own process before and
+after the cases), counting this library's FLOPs (``bench_flops.training_flops``)
+for every implementation: they build the same sizes, so how close the
+fastest is to the peak bounds the speed-up any of them can have.
 
 Greedy decoding (``--modes decode``), batch 1, each implementation through
 its own generation path: this library's ``generate`` (cached: prime, then one
@@ -90,6 +94,7 @@ IMPLS = {
     "perceiver-io 0.11": "krasserm",
 }
 VOCAB = 259
+TARGET_OVER_PORTS = 1.3  # the training speed-up over the faster port the project aims for (issue 12)
 
 TRAIN_SIZES = [
     # N, M, D, heads, L, batch
@@ -373,8 +378,25 @@ def run_bandwidth(case: dict) -> dict:
     return {**matvec_bandwidth(case["size"], case["repeats"]), "threads": threads}
 
 
+def run_peak(case: dict) -> dict:
+    from bench_flops import matmul_gflops
+
+    threads = set_threads(case["threads"])
+    gflops, times = matmul_gflops(case["size"], case["repeats"])
+    return {"gflops": gflops, "times": times, "threads": threads}
+
+
 def run_one(case: dict) -> dict:
-    return {"train": run_train, "decode": run_decode, "bandwidth": run_bandwidth}[case["mode"]](case)
+    modes = {"train": run_train, "decode": run_decode, "bandwidth": run_bandwidth, "peak": run_peak}
+    return modes[case["mode"]](case)
+
+
+def step_gflop(s: dict) -> float:
+    """Analytic GFLOP of one training step of this library's model at size ``s`` (full rows)."""
+    from bench_flops import training_flops
+
+    cfg = dict(input_dim=s["D"], latent_dim=s["D"], num_latent_layers=s["L"], vocab_size=VOCAB)
+    return training_flops(cfg, s["N"], s["M"], s["batch"]) / 1e9
 
 
 # ----------------------------------------------------------------------------
@@ -479,6 +501,7 @@ def train_rows(args, impls, sources, sizes) -> list[dict]:
                     forward_s=median_of(ok, "forward_s"),
                     peak_gb=median_of(ok, "peak_rss_mb") / 1024,
                     params=ok[0]["params"],
+                    gflop_step=step_gflop(s),
                 )
             group.append(row)
         add_ratios(group, "tokens_per_s")
@@ -552,6 +575,30 @@ def add_ratios(group: list[dict], key: str) -> None:
             row["ours_speedup"] = ours[key] / row[key]
 
 
+def matmul_peak(args) -> dict:
+    case = {"mode": "peak", "size": 256 if args.quick else 2048, "repeats": 10, "threads": args.threads}
+    r = run_case(__file__, case, inline=run_one if args.quick else None)
+    if "error" not in r:
+        print(f"fp32 matmul peak ({case['size']}^2 torch.mm): {r['gflops']:.1f} GFLOP/s", flush=True)
+    return r
+
+
+def add_peak_fractions(rows: list[dict], peak_gflops: float | None) -> None:
+    """Each training row's rate against the matmul peak, and the fraction 1.3x the faster port needs."""
+    if not peak_gflops:
+        return
+    for row in rows:
+        if "step_s" in row:
+            row["of_peak"] = row["gflop_step"] / row["step_s"] / peak_gflops
+    sizes = {(r["N"], r["M"], r["D"], r["L"], r["batch"]) for r in rows}
+    for size in sizes:
+        group = [r for r in rows if (r["N"], r["M"], r["D"], r["L"], r["batch"]) == size and "of_peak" in r]
+        ports = [r["of_peak"] for r in group if not r["impl"].startswith("perceiver-ar (")]
+        for row in group:
+            if row["impl"] == THIS and ports:
+                row["target_of_peak"] = TARGET_OVER_PORTS * max(ports)
+
+
 def bandwidth(args) -> dict:
     case = {"mode": "bandwidth", "size": args.bandwidth_size, "repeats": 10, "threads": args.threads}
     r = run_case(__file__, case, inline=run_one if args.quick else None)
@@ -575,6 +622,8 @@ TRAIN_COLS = [
     ("step_s", "s/step", ".4f"),
     ("forward_s", "forward s", ".4f"),
     ("peak_gb", "peak RSS GB", ".2f"),
+    ("of_peak", "of matmul peak", ".0%"),
+    ("target_of_peak", "1.3x the faster port needs", ".0%"),
     ("ours_speedup", "this lib's speed-up", ".2f"),
     ("note", "note", ""),
 ]
@@ -607,7 +656,13 @@ def main(argv: list[str] | None = None) -> int:
     watch = LoadWatch("bench_ports")
     info = machine_info(args.threads)
     bw = [bandwidth(args)] if "decode" in args.modes else []
+    peaks = [matmul_peak(args)] if "train" in args.modes else []
     train = train_rows(args, impls, sources, train_sizes) if "train" in args.modes else []
+    if peaks:
+        peaks.append(matmul_peak(args))
+    peaks_ok = [r["gflops"] for r in peaks if "error" not in r]
+    peak_gflops = median(peaks_ok) if peaks_ok else None
+    add_peak_fractions(train, peak_gflops)
     decode = decode_rows(args, impls, sources, decode_sizes) if "decode" in args.modes else []
     if bw:
         bw.append(bandwidth(args))
@@ -624,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{load['load_average_end']}"
     )
     if train:
-        print(f"\nTraining ({head})")
+        peak_text = f"{peak_gflops:.1f} GFLOP/s" if peak_gflops else "not measured"
+        print(f"\nTraining (fp32 matmul peak {peak_text}; {head})")
         print(format_table(train, TRAIN_COLS))
     if decode:
         bw_text = f"{bandwidth_gb_s:.1f} GB/s" if bandwidth_gb_s else "not measured"
@@ -640,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
             "bandwidth": bw,
             "bandwidth_gb_s": bandwidth_gb_s,
+            "matmul_peak": peaks,
+            "matmul_peak_gflops": peak_gflops,
             "train_rows": train,
             "decode_rows": decode,
             "markdown_train": markdown_table(train, TRAIN_COLS),

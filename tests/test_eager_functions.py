@@ -1,4 +1,4 @@
-"""The eager autograd Functions that replace chains of small kernels: rotary and squared ReLU.
+"""The eager forms that replace chains of small kernels: rotary, squared ReLU, fused projections.
 
 Each must compute what the plain autograd form computes, forward and
 backward, on the layouts the model feeds it (q and k come out of the
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perceiver_ar.model import squared_relu
-from perceiver_ar.rotary import _rotate_pairs, apply_rotary, rope
+from perceiver_ar.model import Attention, fused_linear, squared_relu
+from perceiver_ar.rotary import _rotate_pairs, apply_rotary, apply_rotary_, full_phase, rope
 
 
 def slice_rotate_concatenate(x, cos, sin, phase):
@@ -27,18 +27,24 @@ def projected_heads(batch, length, heads, head_dim, dtype=torch.float32):
     return flat.unflatten(-1, (heads, head_dim)).transpose(1, 2).detach().requires_grad_()
 
 
+@pytest.mark.parametrize("widened", [False, True])
 @pytest.mark.parametrize("rotary_dim,head_dim", [(8, 16), (16, 16), (2, 6)])
-def test_rotary_copy_matches_slicing_forward_and_backward(rotary_dim, head_dim):
+def test_rotary_matches_slicing_forward_and_backward(rotary_dim, head_dim, widened):
     torch.manual_seed(0)
     positions = torch.arange(3, 3 + 11).expand(2, 11)
     cos, sin, phase = rope(positions, rotary_dim, 64)
+    wide = rope(positions, rotary_dim, 64, head_dim=head_dim)[2]
+    assert wide.shape[-1] == head_dim // 2 and torch.equal(wide[..., : rotary_dim // 2], phase)
+    assert torch.equal(wide[..., rotary_dim // 2 :], torch.ones_like(wide[..., rotary_dim // 2 :]))
     x = projected_heads(2, 11, 3, head_dim)
     ref_x = x.detach().clone().requires_grad_()
-    out = apply_rotary(x, cos, sin, phase)
+    out = apply_rotary(x, cos, sin, wide if widened else phase)
     ref = slice_rotate_concatenate(ref_x, cos, sin, phase)
     # The same complex multiply; in place and out of place may take other vector paths (FMA or not).
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    assert out.is_contiguous()
+    # The in-place form (inference) takes the widened phase too.
+    in_place = apply_rotary_(x.detach().clone(), cos, sin, wide if widened else phase)
+    torch.testing.assert_close(in_place, ref, rtol=0, atol=1e-6)
     grad = torch.randn_like(out)
     out.backward(grad)
     ref.backward(grad)
@@ -69,3 +75,37 @@ def test_squared_relu_matches_relu_then_square(dtype):
     out.backward(grad)
     ref.backward(grad)
     assert torch.equal(x.grad, ref_x.grad)  # 2 r g and g (2 r): scaling by 2 is exact
+
+
+def test_full_phase_widens_only_what_is_narrower():
+    phase = torch.polar(torch.ones(1, 1, 4, 3), torch.rand(1, 1, 4, 3))
+    wide = full_phase(phase, 10)
+    assert wide.shape == (1, 1, 4, 5)
+    assert full_phase(wide, 10) is wide
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_projections_match_separate_linears(grad):
+    """One product of the concatenated weights: each Linear's output, and each one's gradient back."""
+    torch.manual_seed(0)
+    attn = Attention(24, 24, 24, 24, num_heads=3)
+    x = torch.randn(2, 7, 24)
+    positions = torch.arange(1, 8).expand(2, 7)
+    rope_ = rope(positions, 4, 64, head_dim=8)
+    with torch.set_grad_enabled(grad):
+        q, k, v = attn.queries_keys_values(x, rope_)
+    ref_q = apply_rotary(attn.split_heads(attn.wq(x)), *rope_)
+    ref_k = apply_rotary(attn.split_heads(attn.wk(x)), *rope_)
+    ref_v = attn.split_heads(attn.wv(x))
+    for got, ref in ((q, ref_q), (k, ref_k), (v, ref_v)):
+        assert got.shape == (2, 3, 7, 8)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    if not grad:
+        return
+    weights = [attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wv.bias]
+    grads = torch.autograd.grad((q * 1.0 + k * 2.0 + v * 3.0).sum(), weights)
+    ref_grads = torch.autograd.grad((ref_q * 1.0 + ref_k * 2.0 + ref_v * 3.0).sum(), weights)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    y = fused_linear(x, attn.wk, attn.wv)
+    torch.testing.assert_close(y, torch.cat((attn.wk(x), attn.wv(x)), -1), rtol=0, atol=1e-6)

@@ -376,6 +376,33 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png"))
+    if script == "bench_ports.py":  # the training rows carry the fraction of the peak measured in the run
+        result = json.loads((tmp_path / "bench_ports_quick.json").read_text())
+        assert result["matmul_peak_gflops"] > 0
+        assert all(0 < row["of_peak"] for row in result["train_rows"])
+
+
+def test_bench_ports_training_rows_against_the_matmul_peak(monkeypatch):
+    """Each row's rate over the peak at this library's FLOP count; what 1.3x the faster port needs."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_ports
+
+    size = dict(N=1024, M=256, D=256, L=4, batch=4)
+    gflop = bench_ports.step_gflop(size)
+    assert gflop > 0
+    rows = [
+        {"impl": bench_ports.THIS, "step_s": gflop / 80.0, "gflop_step": gflop, **size},  # 80 GFLOP/s
+        {"impl": "perceiver-io 0.11", "step_s": gflop / 70.0, "gflop_step": gflop, **size},
+        {"impl": "perceiver-ar-pytorch 0.0.10", "step_s": gflop / 60.0, "gflop_step": gflop, **size},
+        {"impl": "perceiver-ar (before)", "step_s": gflop / 90.0, "gflop_step": gflop, **size},
+        {"impl": "perceiver-io 0.11", "note": "failed", **size},
+    ]
+    bench_ports.add_peak_fractions(rows, peak_gflops=100.0)
+    assert [round(r.get("of_peak", -1), 6) for r in rows] == [0.8, 0.7, 0.6, 0.9, -1]
+    assert rows[0]["target_of_peak"] == pytest.approx(1.3 * 0.7)
+    assert all("target_of_peak" not in r for r in rows[1:])
+    bench_ports.add_peak_fractions(rows[4:], peak_gflops=None)  # no peak measured: nothing added
+    assert "of_peak" not in rows[4]
 
 
 def test_bench_ports_names_a_partial_run_apart(monkeypatch):

@@ -47,48 +47,33 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = Non
     rotate. Computed in the tables' fp32 and rounded once to x's dtype, so a
     bf16 q or k meets v in the kernel in one dtype. A pair (x0, x1) is x0 + i x1
     and the rotation one complex multiply by ``phase`` (``rotary_phase``, once
-    per forward): three kernels instead of a dozen, the same numbers. An x
-    already in the tables' dtype (fp32) is copied once and turned in place
-    (``_RotatedCopy``). Under torch.compile the real form is traced (Inductor
-    fuses it into one kernel).
+    per forward): fewer kernels than the real form, the same numbers. An x
+    already in the tables' dtype (fp32) is multiplied whole, through a complex
+    view of its own storage, by the phase widened to every channel
+    (``full_phase``: 1 on the channels that do not rotate): one kernel forward
+    and one backward (autograd's, by the conjugate phase), where slicing and
+    concatenating takes several each way (a small model's training step is
+    mostly per-operator cost). Under torch.compile the real form is traced
+    (Inductor fuses it into one kernel).
     """
     r = 2 * cos.shape[-1]
-    if x.dtype == cos.dtype and x.shape[-1] % 2 == 0 and not torch.compiler.is_compiling():
-        return _RotatedCopy.apply(x, rotary_phase(cos, sin) if phase is None else phase, r)
+    if x.dtype == cos.dtype and _complex_view_ok(x) and x.shape[-1] % 2 == 0:
+        phase = full_phase(rotary_phase(cos, sin) if phase is None else phase, x.shape[-1])
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * phase).flatten(-2)
     x_rot, x_pass = x[..., :r], x[..., r:]
     return torch.cat((_rotate_pairs(x_rot, cos, sin, phase), x_pass), dim=-1)
 
 
-class _RotatedCopy(torch.autograd.Function):
-    """Eager ``apply_rotary`` of an x in the tables' dtype: one copy, then the complex multiply in place.
+def full_phase(phase: Tensor, head_dim: int) -> Tensor:
+    """``phase`` [..., r / 2] widened to every pair of a head, [..., head_dim / 2]: 1 past the rotated pairs.
 
-    The same numbers as slicing, rotating and concatenating, in fewer operations
-    (a training step of a small model is mostly per-operator cost): the
-    forward copies x once and turns its first r channels in place; the
-    backward copies the gradient once and turns it back by the conjugate
-    phase, where slicing would zero-fill and add two full-size gradients.
+    ``rope`` builds it once per forward when it is given the head width; a
+    phase that is already that wide is returned as it is.
     """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, phase: Tensor, r: int) -> Tensor:
-        out = x.clone(memory_format=torch.contiguous_format)
-        _turn_(out, phase, r)
-        ctx.save_for_backward(phase)
-        ctx.r = r
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (phase,) = ctx.saved_tensors
-        grad_x = grad.clone(memory_format=torch.contiguous_format)
-        _turn_(grad_x, phase.conj(), ctx.r)
-        return grad_x, None, None
-
-
-def _turn_(x: Tensor, phase: Tensor, r: int) -> None:
-    """Multiply the pairs of the first r channels of a contiguous x, as complex numbers, by ``phase``."""
-    torch.view_as_complex(x[..., :r].unflatten(-1, (r // 2, 2))).mul_(phase)
+    pairs = head_dim // 2
+    if phase.shape[-1] == pairs:
+        return phase
+    return torch.cat((phase, phase.new_ones(*phase.shape[:-1], pairs - phase.shape[-1])), dim=-1)
 
 
 def _rotate_pairs(x_rot: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = None) -> Tensor:
@@ -96,7 +81,7 @@ def _rotate_pairs(x_rot: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None 
     r = x_rot.shape[-1]
     x = x_rot.to(cos.dtype)
     if _complex_view_ok(x):
-        phase = rotary_phase(cos, sin) if phase is None else phase
+        phase = rotary_phase(cos, sin) if phase is None else phase[..., : r // 2]
         turned = torch.view_as_complex(x.unflatten(-1, (r // 2, 2))) * phase
         return torch.view_as_real(turned).flatten(-2).to(x_rot.dtype)
     x0, x1 = x.unflatten(-1, (r // 2, 2)).unbind(-1)
@@ -123,14 +108,24 @@ def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = No
     x_rot = x[..., :r]
     if x.dtype == cos.dtype and _complex_view_ok(x_rot):
         torch.view_as_complex(x_rot.unflatten(-1, (r // 2, 2))).mul_(
-            rotary_phase(cos, sin) if phase is None else phase
+            rotary_phase(cos, sin) if phase is None else phase[..., : r // 2]
         )
         return x
     x[..., :r] = _rotate_pairs(x_rot, cos, sin, phase)
     return x
 
 
-def rope(positions: Tensor, rotary_dim: int, max_wavelength: float) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The rotary tables of ``positions`` [B, T], once per forward for every layer that shares them."""
+def rope(
+    positions: Tensor, rotary_dim: int, max_wavelength: float, head_dim: int | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rotary tables of ``positions`` [B, T], once per forward for every layer that shares them.
+
+    (cos, sin, phase): cos and sin [B, 1, T, rotary_dim / 2]; the phase as
+    unit complex numbers, widened to ``head_dim`` channels when that is given
+    (``full_phase``); None under torch.compile, where the real form is traced.
+    """
     cos, sin = rotary_tables(positions, rotary_dim, max_wavelength)
-    return cos, sin, None if torch.compiler.is_compiling() else rotary_phase(cos, sin)
+    if torch.compiler.is_compiling():
+        return cos, sin, None
+    phase = rotary_phase(cos, sin)
+    return cos, sin, phase if head_dim is None else full_phase(phase, head_dim)
