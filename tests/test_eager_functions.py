@@ -1,4 +1,4 @@
-"""The eager forms that replace chains of small kernels: rotary, squared ReLU, fused projections.
+"""The eager forms that replace chains of small kernels: rotary and squared ReLU.
 
 Each must compute what the plain autograd form computes, forward and
 backward, on the layouts the model feeds it (q and k come out of the
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perceiver_ar.model import Attention, fused_linear, squared_relu
+from perceiver_ar.model import squared_relu
 from perceiver_ar.rotary import _rotate_pairs, apply_rotary, apply_rotary_, full_phase, rope
 
 
@@ -82,30 +82,3 @@ def test_full_phase_widens_only_what_is_narrower():
     wide = full_phase(phase, 10)
     assert wide.shape == (1, 1, 4, 5)
     assert full_phase(wide, 10) is wide
-
-
-@pytest.mark.parametrize("grad", [True, False])
-def test_fused_projections_match_separate_linears(grad):
-    """One product of the concatenated weights: each Linear's output, and each one's gradient back."""
-    torch.manual_seed(0)
-    attn = Attention(24, 24, 24, 24, num_heads=3)
-    x = torch.randn(2, 7, 24)
-    positions = torch.arange(1, 8).expand(2, 7)
-    rope_ = rope(positions, 4, 64, head_dim=8)
-    with torch.set_grad_enabled(grad):
-        q, k, v = attn.queries_keys_values(x, rope_)
-    ref_q = apply_rotary(attn.split_heads(attn.wq(x)), *rope_)
-    ref_k = apply_rotary(attn.split_heads(attn.wk(x)), *rope_)
-    ref_v = attn.split_heads(attn.wv(x))
-    for got, ref in ((q, ref_q), (k, ref_k), (v, ref_v)):
-        assert got.shape == (2, 3, 7, 8)
-        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
-    if not grad:
-        return
-    weights = [attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wv.bias]
-    grads = torch.autograd.grad((q * 1.0 + k * 2.0 + v * 3.0).sum(), weights)
-    ref_grads = torch.autograd.grad((ref_q * 1.0 + ref_k * 2.0 + ref_v * 3.0).sum(), weights)
-    for got, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    y = fused_linear(x, attn.wk, attn.wv)
-    torch.testing.assert_close(y, torch.cat((attn.wk(x), attn.wv(x)), -1), rtol=0, atol=1e-6)

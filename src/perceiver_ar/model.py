@@ -123,67 +123,25 @@ class Attention(nn.Module):
         self.wo = nn.Linear(qk_dim, out_dim)
 
     def split_heads(self, x: Tensor) -> Tensor:
-        # [B, T, P*H*dh] -> [B, P*H, T, dh]: channel c belongs to head c // dh
-        # (P projections side by side: P*H heads, those of the first projection first).
-        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
-
-    @property
-    def head_dim(self) -> int:
-        return self.wq.out_features // self.num_heads
+        # [B, T, H*dh] -> [B, H, T, dh]: channel c belongs to head c // dh.
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def queries(self, x_q: Tensor, rope: Rope | None) -> Tensor:
         q = self.split_heads(self.wq(x_q))
         return q if rope is None else apply_rotary(q, *rope)
 
     def keys_values(self, x_kv: Tensor, rope: Rope | None) -> tuple[Tensor, Tensor]:
-        """Projected keys (rotated) and values, [B, H, T, dh] each.
-
-        With gradients, k and v come out of one product (``fused_linear``);
-        without (inference), of two, so that no weight is copied per call.
-        """
-        H = self.num_heads
-        if torch.is_grad_enabled():
-            kv = self.split_heads(fused_linear(x_kv, self.wk, self.wv))  # [B, 2H, T, dh]
-            k, v = kv[:, :H], kv[:, H:]
-        else:
-            k, v = self.split_heads(self.wk(x_kv)), self.split_heads(self.wv(x_kv))
+        """Projected keys (rotated) and values, [B, H, T, dh] each."""
+        k = self.split_heads(self.wk(x_kv))
+        v = self.split_heads(self.wv(x_kv))
         if rope is None:
             return k, v
         rotate = apply_rotary_ if not (torch.is_grad_enabled() and k.requires_grad) else apply_rotary
         return rotate(k, *rope), v
 
-    def queries_keys_values(self, x: Tensor, rope: Rope | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention's queries, keys (both rotated) and values of one input, [B, H, T, dh] each.
-
-        With gradients (training) q, k and v come out of one product and q
-        and k rotate in one call: a small model's step is mostly per-operator
-        cost, and the backward then runs one weight-gradient product where it
-        ran three. Without, as ``queries`` and ``keys_values``.
-        """
-        if not torch.is_grad_enabled():
-            return self.queries(x, rope), *self.keys_values(x, rope)
-        H = self.num_heads
-        qkv = self.split_heads(fused_linear(x, self.wq, self.wk, self.wv))  # [B, 3H, T, dh]
-        qk, v = qkv[:, : 2 * H], qkv[:, 2 * H :]
-        if rope is not None:
-            qk = apply_rotary(qk, *rope)
-        return qk[:, :H], qk[:, H:], v
-
     def output(self, out: Tensor) -> Tensor:
         """[B, H, Lq, dh] attention output -> [B, Lq, out_dim] through the output projection."""
         return self.wo(out.transpose(1, 2).flatten(2))
-
-
-def fused_linear(x: Tensor, *linears: nn.Linear) -> Tensor:
-    """Several Linears of one input as one product: their outputs side by side, [..., sum of outputs].
-
-    The weights are concatenated per call (a copy of them; autograd hands
-    each its slice of the gradient), so the parameters and checkpoints stay
-    those of the separate Linears.
-    """
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = torch.cat([lin.bias for lin in linears])
-    return F.linear(x, weight, bias)
 
 
 def attend_to_cache(
@@ -269,7 +227,9 @@ class LatentLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, z: Tensor, masks: Masks, rope: Rope | None, cache: KVBuffer | None = None) -> Tensor:
-        q, k, v = self.attention.queries_keys_values(self.attention_norm(z), rope)
+        h = self.attention_norm(z)
+        q = self.attention.queries(h, rope)
+        k, v = self.attention.keys_values(h, rope)
         # With a cache: this layer's latents so far, the new ones last.
         k, v, mask = attend_to_cache(cache, k, v, q.shape[2], masks.decode, masks.latent)
         causal = masks.full_rows and mask is None

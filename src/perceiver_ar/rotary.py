@@ -53,7 +53,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = Non
     (``full_phase``: 1 on the channels that do not rotate): one kernel forward
     and one backward (autograd's, by the conjugate phase), where slicing and
     concatenating takes several each way (a small model's training step is
-    mostly per-operator cost). Under torch.compile the real form is traced
+    mostly per-operator cost). The channels that do not rotate are multiplied
+    by 1 + 0i: the same values, except that an infinite one would turn its
+    pair partner into NaN. Under torch.compile the real form is traced
     (Inductor fuses it into one kernel).
     """
     r = 2 * cos.shape[-1]
@@ -99,8 +101,8 @@ def _complex_view_ok(x: Tensor) -> bool:
 def apply_rotary_(x: Tensor, cos: Tensor, sin: Tensor, phase: Tensor | None = None) -> Tensor:
     """``apply_rotary`` in place, for inference: x must not need gradients.
 
-    The out-of-place form holds copies of the rotated channels (the peak of
-    a forward at 131,072 inputs). Here an fp32 x is multiplied in place
+    The out-of-place form allocates a rotated copy of x (the peak of a
+    forward at 131,072 inputs). Here an fp32 x is multiplied in place
     through a complex view of its own storage; a bf16 or fp16 x is rotated in
     fp32 and written back rounded once, as ``apply_rotary`` does.
     """
