@@ -93,6 +93,7 @@ IMPLS = {
     "perceiver-ar-pytorch 0.0.10": "lucidrains",
     "perceiver-io 0.11": "krasserm",
 }
+PORTS = {name for name, kind in IMPLS.items() if kind != "ours"}  # not another tree of this library
 VOCAB = 259
 TARGET_OVER_PORTS = 1.3  # the training speed-up over the faster port the project aims for (issue 12)
 
@@ -575,12 +576,23 @@ def add_ratios(group: list[dict], key: str) -> None:
             row["ours_speedup"] = ours[key] / row[key]
 
 
-def matmul_peak(args) -> dict:
-    case = {"mode": "peak", "size": 256 if args.quick else 2048, "repeats": 10, "threads": args.threads}
+def probe(args, mode: str, size: int) -> dict:
+    """A probe in its own process: ``bandwidth`` (matrix-vector GB/s) or ``peak`` (matmul GFLOP/s)."""
+    case = {"mode": mode, "size": size, "repeats": 10, "threads": args.threads}
     r = run_case(__file__, case, inline=run_one if args.quick else None)
-    if "error" not in r:
-        print(f"fp32 matmul peak ({case['size']}^2 torch.mm): {r['gflops']:.1f} GFLOP/s", flush=True)
+    if "error" in r:
+        return r
+    if mode == "bandwidth":
+        print(f"memory bandwidth (fp32 {size}^2 matrix-vector): {r['gb_per_s']:.1f} GB/s", flush=True)
+    else:
+        print(f"fp32 matmul peak ({size}^2 torch.mm): {r['gflops']:.1f} GFLOP/s", flush=True)
     return r
+
+
+def probe_median(runs: list[dict], key: str) -> float | None:
+    """The median of the probes that did not fail (None if none ran)."""
+    values = [r[key] for r in runs if "error" not in r]
+    return median(values) if values else None
 
 
 def add_peak_fractions(rows: list[dict], peak_gflops: float | None) -> None:
@@ -590,24 +602,11 @@ def add_peak_fractions(rows: list[dict], peak_gflops: float | None) -> None:
     for row in rows:
         if "step_s" in row:
             row["of_peak"] = row["gflop_step"] / row["step_s"] / peak_gflops
-    sizes = {(r["N"], r["M"], r["D"], r["L"], r["batch"]) for r in rows}
-    for size in sizes:
-        group = [r for r in rows if (r["N"], r["M"], r["D"], r["L"], r["batch"]) == size and "of_peak" in r]
-        ports = [r["of_peak"] for r in group if not r["impl"].startswith("perceiver-ar (")]
-        for row in group:
-            if row["impl"] == THIS and ports:
-                row["target_of_peak"] = TARGET_OVER_PORTS * max(ports)
-
-
-def bandwidth(args) -> dict:
-    case = {"mode": "bandwidth", "size": args.bandwidth_size, "repeats": 10, "threads": args.threads}
-    r = run_case(__file__, case, inline=run_one if args.quick else None)
-    if "error" not in r:
-        print(
-            f"memory bandwidth (fp32 {args.bandwidth_size}^2 matrix-vector): {r['gb_per_s']:.1f} GB/s",
-            flush=True,
-        )
-    return r
+    for ours in (r for r in rows if r["impl"] == THIS and "of_peak" in r):
+        same_size = [r for r in rows if all(r[k] == ours[k] for k in ("N", "M", "D", "L", "batch"))]
+        ports = [r["of_peak"] for r in same_size if r["impl"] in PORTS and "of_peak" in r]
+        if ports:
+            ours["target_of_peak"] = TARGET_OVER_PORTS * max(ports)
 
 
 TRAIN_COLS = [
@@ -655,19 +654,19 @@ def main(argv: list[str] | None = None) -> int:
     impls, sources = implementations(args)
     watch = LoadWatch("bench_ports")
     info = machine_info(args.threads)
-    bw = [bandwidth(args)] if "decode" in args.modes else []
-    peaks = [matmul_peak(args)] if "train" in args.modes else []
+    # Each probe runs before and after the cases it serves; the median of the two is used.
+    peak_size = 256 if args.quick else 2048
+    bw = [probe(args, "bandwidth", args.bandwidth_size)] if "decode" in args.modes else []
+    peaks = [probe(args, "peak", peak_size)] if "train" in args.modes else []
     train = train_rows(args, impls, sources, train_sizes) if "train" in args.modes else []
     if peaks:
-        peaks.append(matmul_peak(args))
-    peaks_ok = [r["gflops"] for r in peaks if "error" not in r]
-    peak_gflops = median(peaks_ok) if peaks_ok else None
+        peaks.append(probe(args, "peak", peak_size))
+    peak_gflops = probe_median(peaks, "gflops")
     add_peak_fractions(train, peak_gflops)
     decode = decode_rows(args, impls, sources, decode_sizes) if "decode" in args.modes else []
     if bw:
-        bw.append(bandwidth(args))
-    bw_ok = [r["gb_per_s"] for r in bw if "error" not in r]
-    bandwidth_gb_s = median(bw_ok) if bw_ok else None
+        bw.append(probe(args, "bandwidth", args.bandwidth_size))
+    bandwidth_gb_s = probe_median(bw, "gb_per_s")
     for row in decode:
         if bandwidth_gb_s and "achieved_gb_s" in row:
             row["of_bandwidth"] = row["achieved_gb_s"] / bandwidth_gb_s

@@ -385,11 +385,10 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
 def test_bench_ports_training_rows_against_the_matmul_peak(monkeypatch):
     """Each row's rate over the peak at this library's FLOP count; what 1.3x the faster port needs."""
     monkeypatch.syspath_prepend(str(BENCH))
+    import bench_flops
     import bench_ports
 
     size = dict(N=1024, M=256, D=256, L=4, batch=4)
-    import bench_flops
-
     gflop = bench_ports.step_gflop(size)
     cfg = dict(input_dim=256, latent_dim=256, num_latent_layers=4, vocab_size=bench_ports.VOCAB)
     assert gflop == pytest.approx(bench_flops.training_flops(cfg, 1024, 256, 4) / 1e9)
