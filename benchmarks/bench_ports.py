@@ -60,6 +60,7 @@ the start and the end.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -441,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=DIR",
         help="also measure this library from another source tree, e.g. 'before=/tmp/tree/src'",
     )
+    p.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only redraw the plot of a results JSON, as <its name>.png in the results folder",
+    )
     return p
 
 
@@ -646,6 +654,11 @@ DECODE_COLS = [
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        if not args.replot.is_file():
+            raise SystemExit(f"--replot: {args.replot} is not a file; give a bench_ports results JSON")
+        print(f"plot: {replot(args.replot)}")
+        return 0
     train_sizes = [TRAIN_SIZES[i] for i in args.train_sizes] if args.train_sizes else TRAIN_SIZES
     decode_sizes = [DECODE_SIZES[i] for i in args.decode_sizes] if args.decode_sizes else DECODE_SIZES
     if args.quick:
@@ -731,22 +744,64 @@ def result_name(args: argparse.Namespace) -> str:
     return "bench_ports" if parts == ["train", "decode"] else "bench_ports_" + "_".join(parts)
 
 
+def faster_port_speedup(rows: list[dict], group: tuple) -> float | None:
+    """This library's speed-up over the faster port in one (N, M) group (the smallest of its ratios)."""
+    ratios = [
+        r["ours_speedup"]
+        for r in rows
+        if (r["N"], r["M"]) == group and r["impl"] in PORTS and "ours_speedup" in r
+    ]
+    return min(ratios) if ratios else None
+
+
 def plot(name: str, train: list[dict], decode: list[dict]) -> None:
+    """Bars per size and implementation; this library's speed-up over the faster port above its bars."""
     panels = [
         (train, "tokens_per_s", "training tokens/s"),
-        (decode, "decode_tok_s", "greedy decode tokens/s"),
+        (decode, "decode_tok_s", "greedy decode tokens/s (batch 1)"),
     ]
     panels = [p for p in panels if p[0]]
-    fig, axes = new_figure(ncols=max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4), squeeze=False)
+    fig, axes = new_figure(ncols=max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.6), squeeze=False)
     for ax, (rows, key, title) in zip(axes[0], panels, strict=False):
         sizes = grouped_bars(
             ax, rows, group=lambda r: (r["N"], r["M"]), series=lambda r: r["impl"], value=key
         )
-        ax.set_xticks(range(len(sizes)), [f"N={n}\nM={m}" for n, m in sizes])
+        labels = []
+        for i, (n, m) in enumerate(sizes):
+            first = next(r for r in rows if (r["N"], r["M"]) == (n, m))
+            extra = f"\nD={first['D']} L={first['L']}" + (f" B={first['batch']}" if "batch" in first else "")
+            labels.append(f"N={n}\nM={m}{extra}")
+            ours = next(
+                (r for r in rows if (r["N"], r["M"]) == (n, m) and r["impl"] == THIS and key in r), None
+            )
+            speedup = faster_port_speedup(rows, (n, m))
+            if ours and speedup:
+                series = list(dict.fromkeys(r["impl"] for r in rows))  # grouped_bars' order and offsets
+                width = 0.8 / len(series)
+                x = i + width * (series.index(THIS) - (len(series) - 1) / 2)
+                ax.annotate(f"{speedup:.2f}x", (x, ours[key]), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(sizes)), labels, fontsize=7)
         ax.set_yscale("log")
-        ax.set_title(f"{title} (higher is better)")
-        ax.legend(fontsize=7)
-    save_figure(fig, name)
+        ax.set_title(f"{title} (higher is better)", fontsize=9)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
+    fig.text(
+        0.5,
+        0.995,
+        "above this library's bars: its speed-up over the faster port",
+        ha="center",
+        va="top",
+        fontsize=7,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    save_figure(fig, name, tight=False)
+
+
+def replot(path: Path) -> Path:
+    """Redraw the plot of a results JSON from its rows as saved (nothing is measured)."""
+    data = json.loads(path.read_text())
+    plot(path.stem, data.get("train_rows", []), data.get("decode_rows", []))
+    return RESULTS_DIR / f"{path.stem}.png"
 
 
 if __name__ == "__main__":

@@ -373,11 +373,13 @@ def new_figure(**kwargs: Any):
     return plt.subplots(**kwargs)
 
 
-def save_figure(fig: Any, name: str, out_dir: Path | None = None) -> Path:
+def save_figure(fig: Any, name: str, out_dir: Path | None = None, tight: bool = True) -> Path:
+    """``fig`` as ``<name>.png`` in the results folder; ``tight=False`` keeps the caller's layout."""
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 

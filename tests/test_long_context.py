@@ -408,6 +408,45 @@ def test_bench_ports_training_rows_against_the_matmul_peak(monkeypatch):
     assert "of_peak" not in rows[4]
 
 
+def test_bench_ports_replot_redraws_a_saved_run(monkeypatch, tmp_path):
+    """--replot draws a results JSON's rows, measuring nothing; the annotation is over the faster port."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_ports
+    import common
+
+    out = tmp_path / "results"
+    monkeypatch.setattr(common, "RESULTS_DIR", out)
+    monkeypatch.setattr(bench_ports, "RESULTS_DIR", out)
+    monkeypatch.setattr(bench_ports, "run_case", lambda *a, **k: pytest.fail("--replot must not measure"))
+    size = dict(N=256, M=64, D=64, L=2)
+    train = [
+        {"impl": bench_ports.THIS, "tokens_per_s": 100.0, "ours_speedup": 1.0, "batch": 2, **size},
+        {"impl": "perceiver-io 0.11", "tokens_per_s": 80.0, "ours_speedup": 1.25, "batch": 2, **size},
+        {
+            "impl": "perceiver-ar-pytorch 0.0.10",
+            "tokens_per_s": 90.0,
+            "ours_speedup": 1.11,
+            "batch": 2,
+            **size,
+        },
+        {"impl": "perceiver-ar (before)", "tokens_per_s": 95.0, "ours_speedup": 1.05, "batch": 2, **size},
+    ]
+    decode = [
+        {"impl": bench_ports.THIS, "decode_tok_s": 50.0, "ours_speedup": 1.0, **size},
+        {"impl": "perceiver-io 0.11", "decode_tok_s": 20.0, "ours_speedup": 2.5, **size},
+        {"impl": "perceiver-io 0.11", "note": "failed", "N": 1024, "M": 256, "D": 64, "L": 2},
+    ]
+    # Another tree of this library is never the port it is compared with; a failed row counts for nothing.
+    assert bench_ports.faster_port_speedup(train, (256, 64)) == pytest.approx(1.11)
+    assert bench_ports.faster_port_speedup(decode, (1024, 256)) is None
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"train_rows": train, "decode_rows": decode}))
+    assert bench_ports.main(["--replot", str(saved)]) == 0
+    assert [f.name for f in out.iterdir()] == ["run.png"] and (out / "run.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not a file"):
+        bench_ports.main(["--replot", str(tmp_path / "missing.json")])
+
+
 def test_bench_ports_names_a_partial_run_apart(monkeypatch):
     """Only a run of every size in both modes writes bench_ports.json/.png; a partial run has its own name."""
     monkeypatch.syspath_prepend(str(BENCH))
