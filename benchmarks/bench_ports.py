@@ -55,6 +55,7 @@ the start and the end.
     python benchmarks/bench_ports.py --modes decode --decode-sizes 1
     python benchmarks/bench_ports.py --extra-src before=/tmp/before/src   # a second tree side by side
     python benchmarks/bench_ports.py --quick                   # this library only, seconds (smoke test)
+    python benchmarks/bench_ports.py --replot RESULTS.json     # redraw a run's plot, measuring nothing
 """
 
 from __future__ import annotations
@@ -630,7 +631,7 @@ TRAIN_COLS = [
     ("forward_s", "forward s", ".4f"),
     ("peak_gb", "peak RSS GB", ".2f"),
     ("of_peak", "of matmul peak", ".0%"),
-    ("target_of_peak", "1.3x the faster port needs", ".0%"),
+    ("target_of_peak", f"{TARGET_OVER_PORTS}x the faster port needs", ".0%"),
     ("ours_speedup", "this lib's speed-up", ".2f"),
     ("note", "note", ""),
 ]
@@ -653,11 +654,15 @@ DECODE_COLS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.replot:
-        if not args.replot.is_file():
-            raise SystemExit(f"--replot: {args.replot} is not a file; give a bench_ports results JSON")
-        print(f"plot: {replot(args.replot)}")
+        try:
+            rows = saved_rows(args.replot)
+        except ValueError as e:
+            parser.error(f"--replot {args.replot}: {e}")
+        plot(args.replot.stem, *rows)
+        print(f"plot: {RESULTS_DIR / args.replot.stem}.png")
         return 0
     train_sizes = [TRAIN_SIZES[i] for i in args.train_sizes] if args.train_sizes else TRAIN_SIZES
     decode_sizes = [DECODE_SIZES[i] for i in args.decode_sizes] if args.decode_sizes else DECODE_SIZES
@@ -763,23 +768,19 @@ def plot(name: str, train: list[dict], decode: list[dict]) -> None:
     panels = [p for p in panels if p[0]]
     fig, axes = new_figure(ncols=max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 4.6), squeeze=False)
     for ax, (rows, key, title) in zip(axes[0], panels, strict=False):
+
+        def note(r: dict, rows: list[dict] = rows) -> str | None:
+            speedup = faster_port_speedup(rows, (r["N"], r["M"])) if r["impl"] == THIS else None
+            return f"{speedup:.2f}x" if speedup else None
+
         sizes = grouped_bars(
-            ax, rows, group=lambda r: (r["N"], r["M"]), series=lambda r: r["impl"], value=key
+            ax, rows, group=lambda r: (r["N"], r["M"]), series=lambda r: r["impl"], value=key, note=note
         )
         labels = []
-        for i, (n, m) in enumerate(sizes):
+        for n, m in sizes:
             first = next(r for r in rows if (r["N"], r["M"]) == (n, m))
             extra = f"\nD={first['D']} L={first['L']}" + (f" B={first['batch']}" if "batch" in first else "")
             labels.append(f"N={n}\nM={m}{extra}")
-            ours = next(
-                (r for r in rows if (r["N"], r["M"]) == (n, m) and r["impl"] == THIS and key in r), None
-            )
-            speedup = faster_port_speedup(rows, (n, m))
-            if ours and speedup:
-                series = list(dict.fromkeys(r["impl"] for r in rows))  # grouped_bars' order and offsets
-                width = 0.8 / len(series)
-                x = i + width * (series.index(THIS) - (len(series) - 1) / 2)
-                ax.annotate(f"{speedup:.2f}x", (x, ours[key]), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(sizes)), labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{title} (higher is better)", fontsize=9)
@@ -797,11 +798,18 @@ def plot(name: str, train: list[dict], decode: list[dict]) -> None:
     save_figure(fig, name, tight=False)
 
 
-def replot(path: Path) -> Path:
-    """Redraw the plot of a results JSON from its rows as saved (nothing is measured)."""
-    data = json.loads(path.read_text())
-    plot(path.stem, data.get("train_rows", []), data.get("decode_rows", []))
-    return RESULTS_DIR / f"{path.stem}.png"
+def saved_rows(path: Path) -> tuple[list[dict], list[dict]]:
+    """The training and decoding rows of a bench_ports results JSON; ValueError if it holds none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a readable results JSON ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a bench_ports results JSON")
+    train, decode = data.get("train_rows"), data.get("decode_rows")
+    if not isinstance(train, list) or not isinstance(decode, list) or not train + decode:
+        raise ValueError("holds no bench_ports training or decoding rows")
+    return train, decode
 
 
 if __name__ == "__main__":

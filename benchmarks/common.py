@@ -347,20 +347,28 @@ def grouped_bars(
     series: Callable[[dict[str, Any]], Any],
     value: str,
     label: Callable[[Any], str] = str,
+    note: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> list[Any]:
     """Bars of ``row[value]``: a cluster per ``group(row)``, a colour per ``series(row)``, first-seen order.
 
-    Rows without ``value`` leave a gap. Returns the groups (the x positions 0, 1, ...).
+    Rows without ``value`` leave a gap; ``note(row)``, where given and not
+    None, is written above that row's bar. Returns the groups (the x
+    positions 0, 1, ...).
     """
     groups = list(dict.fromkeys(group(r) for r in rows))
     names = list(dict.fromkeys(series(r) for r in rows))
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
-        pts = [(groups.index(group(r)), r[value]) for r in rows if series(r) == name and value in r]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            offset = width * (j - (len(names) - 1) / 2)
-            ax.bar([x + offset for x in xs], ys, width=width, color=f"C{j}", label=label(name))
+        drawn = [r for r in rows if series(r) == name and value in r]
+        if not drawn:
+            continue
+        offset = width * (j - (len(names) - 1) / 2)
+        xs = [groups.index(group(r)) + offset for r in drawn]
+        ax.bar(xs, [r[value] for r in drawn], width=width, color=f"C{j}", label=label(name))
+        for x, r in zip(xs, drawn, strict=True):
+            text = note(r) if note else None
+            if text:
+                ax.annotate(text, (x, r[value]), ha="center", va="bottom", fontsize=7)
     return groups
 
 

@@ -443,8 +443,27 @@ def test_bench_ports_replot_redraws_a_saved_run(monkeypatch, tmp_path):
     saved.write_text(json.dumps({"train_rows": train, "decode_rows": decode}))
     assert bench_ports.main(["--replot", str(saved)]) == 0
     assert [f.name for f in out.iterdir()] == ["run.png"] and (out / "run.png").stat().st_size > 10_000
-    with pytest.raises(SystemExit, match="not a file"):
-        bench_ports.main(["--replot", str(tmp_path / "missing.json")])
+    # The speed-up is written above this library's bar only, at its centre.
+    fig, ax = common.new_figure()
+    note = lambda r: "1.11x" if r["impl"] == bench_ports.THIS else None  # noqa: E731
+    common.grouped_bars(
+        ax, train, group=lambda r: r["N"], series=lambda r: r["impl"], value="tokens_per_s", note=note
+    )
+    ours_bar = ax.containers[0].patches[0]
+    assert [t.get_text() for t in ax.texts] == ["1.11x"]
+    assert ax.texts[0].xy == pytest.approx((ours_bar.get_x() + ours_bar.get_width() / 2, 100.0))
+    # A missing, unreadable or foreign JSON is one argparse error (exit 2), and no figure is (over)written.
+    (out / "bench_flops.png").write_bytes(b"a committed figure")
+    foreign = tmp_path / "bench_flops.json"
+    foreign.write_text(json.dumps({"rows": [{"model": "Perceiver AR"}]}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for bad in (tmp_path / "missing.json", broken, foreign):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_ports.main(["--replot", str(bad)])
+        assert exit_info.value.code == 2
+    assert sorted(f.name for f in out.iterdir()) == ["bench_flops.png", "run.png"]
+    assert (out / "bench_flops.png").read_bytes() == b"a committed figure"
 
 
 def test_bench_ports_names_a_partial_run_apart(monkeypatch):

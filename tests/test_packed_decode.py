@@ -73,6 +73,28 @@ def test_packed_step_and_reset_match_the_models_step(pe, overrides):
         assert_caches_close(ours, reference)
 
 
+def test_packed_step_reads_narrow_phases(monkeypatch):
+    """Every packed rotation is in place: it asks for the rotated pairs' phases only, not widened ones."""
+    model = make_model("rotary")
+    cfg = model.config
+    pos = torch.arange(1, 7).expand(2, 6)
+    wide, narrow = model.rotary(pos, pos), model.rotary(pos, pos, widen=False)
+    assert wide.cross_q[2].shape[-1] == cfg.cross_attend_head_dim // 2
+    assert narrow.cross_q[2].shape[-1] == cfg.cross_attend_rotary_dim // 2
+    assert narrow.latent[2].shape[-1] == cfg.latent_rotary_dim // 2
+    assert torch.equal(wide.cross_q[2][..., : cfg.cross_attend_rotary_dim // 2], narrow.cross_q[2])
+    asked = []
+    real = type(model).rotary
+    monkeypatch.setattr(type(model), "rotary", lambda self, *a, **k: asked.append(k) or real(self, *a, **k))
+    ours, _, prompt, positions = primed_pair(model)
+    asked.clear()
+    with torch.no_grad():
+        decode_step(
+            model, pack(model), prompt[:, -1:], positions[:, prompt.shape[1] : prompt.shape[1] + 1], ours
+        )
+    assert asked == [{"widen": False}]
+
+
 def test_packed_step_refuses_training_mode():
     model = make_model()
     cache, _, prompt, positions = primed_pair(model)

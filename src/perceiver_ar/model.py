@@ -421,14 +421,20 @@ class PerceiverAR(Pretrained, nn.Module):
                 emb = emb + table(idx[..., axis])
         return emb
 
-    def rotary(self, latent_pos: Tensor, input_pos: Tensor) -> LatentRopes:
-        """Rotary tables for latents at ``latent_pos`` [B, M] reading inputs at ``input_pos`` [B, T]."""
+    def rotary(self, latent_pos: Tensor, input_pos: Tensor, widen: bool = True) -> LatentRopes:
+        """Rotary tables for latents at ``latent_pos`` [B, M] reading inputs at ``input_pos`` [B, T].
+
+        The phases come widened to each attention's head width (``full_phase``)
+        for ``apply_rotary``; ``widen=False`` keeps them as narrow as the rotated
+        channels, for a caller that only rotates in place (``apply_rotary_``).
+        """
         cfg = self.config
         if cfg.position_encoding != "rotary":
             return LatentRopes()
-        # The phases come widened to each attention's head width (``full_phase``).
-        cross = (cfg.cross_attend_rotary_dim, cfg.max_wavelength, cfg.cross_attend_head_dim)
-        latent = (cfg.latent_rotary_dim, cfg.max_wavelength, cfg.latent_head_dim)
+        cross_width = cfg.cross_attend_head_dim if widen else None
+        latent_width = cfg.latent_head_dim if widen else None
+        cross = (cfg.cross_attend_rotary_dim, cfg.max_wavelength, cross_width)
+        latent = (cfg.latent_rotary_dim, cfg.max_wavelength, latent_width)
         cross_q = rope(latent_pos, *cross)
         cross_k = cross_q if input_pos is latent_pos else rope(input_pos, *cross)
         return LatentRopes(cross_q, cross_k, cross_q if latent == cross else rope(latent_pos, *latent))

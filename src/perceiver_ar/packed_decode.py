@@ -142,7 +142,8 @@ def decode_step(
         raise ValueError("cached generation needs model.eval(): dropout would corrupt the cache")
     emb = model.embed(inputs, positions)  # [B, Q, E]
     rot_pos = positions if positions.dim() == 2 else positions[..., 0]
-    ropes = model.rotary(rot_pos, rot_pos if rot_pos.shape[1] == 1 else rot_pos[:, -1:])
+    # Every rotation here is in place (``_rotated``): the narrow phases are all it reads.
+    ropes = model.rotary(rot_pos, rot_pos if rot_pos.shape[1] == 1 else rot_pos[:, -1:], widen=False)
     cross, w = model.cross_attend, weights.cross
     z = model.latent_init(emb)
     (q,) = _heads(w.q(cross.query_norm(z)), 1, w.num_heads)
